@@ -1,0 +1,138 @@
+"""Command line: ``anomalyzoo train | list | demo | predict``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any
+
+from anomalyzoo.registry import ModelRegistry
+from anomalyzoo.settings import set_globals
+
+
+def parse_value(text: str) -> Any:
+    """``--set key=value`` values: Python literals where they parse (3, 0.1, True, [..]), else text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset-dir", help="DATASET_DIR (default $ANOMALYZOO_DATASET_DIR or ./datasets)")
+    parser.add_argument("--backbone-dir", help="BACKBONE_DIR (default $ANOMALYZOO_BACKBONE_DIR or ./backbones)")
+    parser.add_argument("--output-dir", help="OUTPUT_DIR (default $ANOMALYZOO_OUTPUT_DIR or ./outputs)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--num-workers", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomalyzoo", description="Unsupervised visual anomaly detection")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one or more models on one or more categories")
+    train.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "custom"])
+    train.add_argument("--category", required=True, nargs="+", help="category (custom: <dataset>/<category>)")
+    train.add_argument("--model", required=True, nargs="+", help="registry name(s); see `anomalyzoo list`")
+    train.add_argument("--num-epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--img-size", type=int)
+    train.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    train.add_argument("--backbone")
+    train.add_argument("--layers", nargs="+")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other training or model option, e.g. --set coreset_ratio=0.01")
+    train.add_argument("--device")
+    train.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    add_global_options(train)
+
+    commands.add_parser("list", help="registered models by family, with their defaults")
+
+    demo = commands.add_parser("demo", help="synthetic dataset + PatchCore and PaDiM, all outputs")
+    demo.add_argument("--output-dir", default="anomalyzoo_demo")
+    demo.add_argument("--models", nargs="+", default=["patchcore", "padim"])
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--img-size", type=int, default=256)
+
+    predict = commands.add_parser("predict", help="score images with a saved model")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--output-dir", default="predictions")
+    predict.add_argument("--device")
+    return parser
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from anomalyzoo.train import train, train_models
+
+    set_globals(dataset_dir=args.dataset_dir, backbone_dir=args.backbone_dir, output_dir=args.output_dir,
+                seed=args.seed, num_workers=args.num_workers)
+    overrides: dict[str, Any] = {"num_epochs": args.num_epochs, "batch_size": args.batch_size, "img_size": args.img_size,
+                                 "normalize": args.normalize, "backbone": args.backbone, "layers": args.layers,
+                                 "device": args.device, "overwrite": args.overwrite, "resume": args.resume}
+    for item in args.set:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = parse_value(value)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for model in args.model:
+        ModelRegistry.get(model)
+    if len(args.category) == 1 and len(args.model) == 1:
+        result = train(args.dataset, args.category[0], args.model[0], **overrides)
+        print(json.dumps({k: result[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max",
+                                                "threshold", "fit_seconds", "inference_ms_per_image", "output_dir")}, indent=2))
+        return 0
+    rows = train_models(args.dataset, args.category, args.model, **overrides)
+    return 1 if any(row.get("error") for row in rows) else 0
+
+
+def command_list() -> int:
+    for family, names in ModelRegistry.list_by_category().items():
+        print(f"{family}:")
+        for name in names:
+            model = ", ".join(f"{k}={v}" for k, v in ModelRegistry.get_model_config(name).items())
+            train = ModelRegistry.get_train_config(name)
+            print(f"  {name:<28} {model}  | epochs={train['num_epochs']} batch={train['batch_size']} "
+                  f"img={train['img_size']} normalize={train['normalize']}")
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from anomalyzoo.demo import run_demo
+
+    rows = run_demo(args.output_dir, args.models, overwrite=args.overwrite, img_size=args.img_size)
+    print(f"\nAll outputs are under {args.output_dir}/outputs")
+    return 1 if any(row.get("error") for row in rows) else 0
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    from anomalyzoo.predict import predict_images
+
+    rows = predict_images(args.checkpoint, args.images, args.output_dir, device=args.device)
+    for row in rows:
+        print(f"{row['score']:.4f}  {row['verdict'] or '-':<10} {row['path']}")
+    print(f"Scores and anomaly maps written to {args.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return command_train(args)
+        if args.command == "list":
+            return command_list()
+        if args.command == "demo":
+            return command_demo(args)
+        return command_predict(args)
+    except (KeyError, ValueError, FileNotFoundError, TypeError) as error:
+        print(f"anomalyzoo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Datasets and loaders: ``get_dataloaders(dataset_type, category, ...)`` is the entry point.
+
+Every dataset type lives under ``DATASET_DIR/<dataset_type>/`` (see SPEC section 3) and yields
+the same batch dict (:class:`~anomalyzoo.data.base.AnomalyDataset`): ``image`` (B, 3, S, S)
+float32, ``label`` (B,) int64, ``mask`` (B, S, S) float32 {0, 1}, ``path`` and ``defect_type``
+lists of str.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from anomalyzoo.data.base import AnomalyDataset, DatasetError, Sample
+from anomalyzoo.data.btad import btad_samples
+from anomalyzoo.data.custom import custom_samples
+from anomalyzoo.data.mvtec import mvtec_samples
+from anomalyzoo.data.transforms import ImageReadError
+from anomalyzoo.data.visa import visa_samples
+from anomalyzoo.settings import get_settings
+
+DATASET_TYPES = ("mvtec", "visa", "btad", "custom")
+_HAS_MASKS = {"mvtec": True, "visa": True, "btad": True, "custom": False}
+
+__all__ = [
+    "DATASET_TYPES",
+    "AnomalyDataset",
+    "DatasetError",
+    "ImageReadError",
+    "Sample",
+    "get_dataloaders",
+    "get_datasets",
+    "split_custom_category",
+]
+
+
+def split_custom_category(category: str, custom_dataset: str | None) -> tuple[str, str]:
+    """(dataset, category) of a custom dataset from ``"<dataset>/<category>"`` or from
+    ``custom_dataset`` plus a bare ``category``."""
+    if "/" in category:
+        dataset, _, pattern = category.partition("/")
+        if custom_dataset is not None and custom_dataset != dataset:
+            raise DatasetError(
+                f"category '{category}' names custom dataset '{dataset}' but custom_dataset='{custom_dataset}'; give one."
+            )
+    else:
+        dataset, pattern = custom_dataset or "", category
+    if not dataset or not pattern or "/" in pattern:
+        raise DatasetError(
+            f"For dataset_type 'custom' give category as '<dataset>/<category>' (e.g. 'panel_a/pattern1') "
+            f"or pass custom_dataset='<dataset>' with category='<category>'; got category='{category}'."
+        )
+    return dataset, pattern
+
+
+def get_datasets(
+    dataset_type: str,
+    category: str,
+    img_size: int = 256,
+    normalize: bool = True,
+    dataset_dir: str | Path | None = None,
+    seed: int | None = None,
+    custom_dataset: str | None = None,
+) -> tuple[AnomalyDataset, AnomalyDataset]:
+    """(train, test) datasets of one category, from ``dataset_dir/<dataset_type>/``
+    (``dataset_dir`` defaults to the DATASET_DIR setting; ``seed``, which only the custom
+    train/test split uses, to the SEED setting)."""
+    settings = get_settings()
+    if dataset_type not in DATASET_TYPES:
+        raise DatasetError(f"Unknown dataset type '{dataset_type}'; expected one of {', '.join(DATASET_TYPES)}.")
+    base_dir = Path(dataset_dir if dataset_dir is not None else settings.dataset_dir).expanduser()
+    root = base_dir / dataset_type
+    if not root.is_dir() and (base_dir / category).is_dir():
+        raise DatasetError(
+            f"'{root}' does not exist, but '{base_dir / category}' does: dataset_dir must be the folder "
+            f"that contains '{dataset_type}/', i.e. '{base_dir.parent}'."
+        )
+    seed = settings.seed if seed is None else seed
+
+    if dataset_type == "custom":
+        dataset, pattern = split_custom_category(category, custom_dataset)
+        train, test = (custom_samples(root, dataset, pattern, split, seed=seed) for split in ("train", "test"))
+    else:
+        find_samples = {"mvtec": mvtec_samples, "visa": visa_samples, "btad": btad_samples}[dataset_type]
+        train, test = (find_samples(root, category, split) for split in ("train", "test"))
+    has_masks = _HAS_MASKS[dataset_type]
+    return (
+        AnomalyDataset(train, img_size, normalize, has_masks),
+        AnomalyDataset(test, img_size, normalize, has_masks),
+    )
+
+
+def get_dataloaders(
+    dataset_type: str,
+    category: str,
+    img_size: int = 256,
+    batch_size: int = 8,
+    normalize: bool = True,
+    dataset_dir: str | Path | None = None,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    seed: int | None = None,
+    test_batch_size: int | None = None,
+    custom_dataset: str | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """(train_loader, test_loader) for one category. The train loader shuffles with a
+    generator seeded from ``seed`` (so a run is repeatable) and keeps the last partial batch:
+    with ~200 normal images, dropping up to batch_size-1 of them would be a real loss. Unset
+    loader options come from the settings (set_globals)."""
+    settings = get_settings()
+    seed = settings.seed if seed is None else seed
+    num_workers = settings.num_workers if num_workers is None else num_workers
+    pin_memory = settings.pin_memory if pin_memory is None else pin_memory
+    persistent_workers = settings.persistent_workers if persistent_workers is None else persistent_workers
+    train_set, test_set = get_datasets(
+        dataset_type, category, img_size=img_size, normalize=normalize, dataset_dir=dataset_dir,
+        seed=seed, custom_dataset=custom_dataset,
+    )
+    options = {
+        "num_workers": num_workers,
+        "pin_memory": bool(pin_memory),
+        "persistent_workers": bool(persistent_workers) and num_workers > 0,
+    }
+    train_loader = DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=False,
+        generator=torch.Generator().manual_seed(int(seed)), **options,
+    )
+    test_loader = DataLoader(test_set, batch_size=test_batch_size or batch_size, shuffle=False, drop_last=False, **options)
+    return train_loader, test_loader

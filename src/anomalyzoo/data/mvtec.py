@@ -1,0 +1,50 @@
+"""MVTec AD layout (Bergmann et al., CVPR 2019), also used by :mod:`anomalyzoo.data.synthetic`::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png
+    <root>/<category>/test/<defect_type>/*.png
+    <root>/<category>/ground_truth/<defect_type>/<image stem>_mask.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anomalyzoo.data.base import (
+    NORMAL_DEFECT_TYPE,
+    DatasetError,
+    Sample,
+    category_dir,
+    check_split,
+    index_by_stem,
+    list_images,
+    require_images,
+    require_masks,
+)
+
+
+def mvtec_samples(root: Path, category: str, split: str) -> list[Sample]:
+    """The samples of one split, sorted by defect type then file name."""
+    check_split(split)
+    folder = category_dir(Path(root), category)
+    if split == "train":
+        images = require_images(folder / "train" / "good", "the normal training images")
+        return [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in images]
+
+    test_dir = folder / "test"
+    defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_dir.is_dir() else []
+    samples: list[Sample] = []
+    for defect_dir in defect_dirs:
+        images = list_images(defect_dir)
+        if defect_dir.name == NORMAL_DEFECT_TYPE:
+            samples += [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in images]
+            continue
+        masks = index_by_stem(folder / "ground_truth" / defect_dir.name)
+        samples += [Sample(path, 1, masks.get(f"{path.stem}_mask"), defect_dir.name) for path in images]
+    if not samples:
+        raise DatasetError(
+            f"No test images in '{test_dir}'; expected subfolders 'good/' and one per defect "
+            f"type (e.g. 'scratch/') holding .png/.jpg images."
+        )
+    require_masks(samples, f"'{folder / 'ground_truth'}/<defect_type>/<image stem>_mask.png'")
+    return samples

@@ -1,0 +1,430 @@
+"""BaseTrainer and EarlyStopper: the one training loop every model shares.
+
+A model file subclasses :class:`BaseTrainer` and overrides ``train_step`` (one optimisation
+step, or one batch of feature collection for memory-bank models) and, where its scoring is not
+just ``model(images)``, ``validation_step``. Everything else -- epochs, progress bars,
+validation, early stopping, checkpoints, resuming, results and figures -- lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from anomalyzoo.models.components.dynamic_buffer import resize_buffers_to_state_dict
+
+CHECKPOINT_FORMAT = "anomalyzoo-checkpoint-v1"
+
+
+@dataclass
+class TrainConfig:
+    """Training keys of the registry (epochs, batch, image size, normalisation) and the loop's
+    own options. Every field can be overridden per run through ``train(...)``."""
+
+    num_epochs: int = 1
+    batch_size: int = 8
+    img_size: int = 256
+    normalize: bool = True
+    seed: int = 42
+    validate_every: int = 0  # 0: validate once, after the last epoch
+    early_stopping_monitor: str | None = None  # e.g. "image_auroc" or "loss"
+    early_stopping_patience: int = 5
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"Unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def as_train_config(train_config: TrainConfig | dict[str, Any] | None) -> TrainConfig:
+    if isinstance(train_config, dict):
+        return TrainConfig.from_dict(train_config)
+    return train_config or TrainConfig()
+
+
+@dataclass
+class Predictions:
+    """Everything evaluation produces, as numpy arrays on the CPU."""
+
+    scores: np.ndarray  # (N,)
+    labels: np.ndarray  # (N,) 0 normal, 1 anomalous
+    anomaly_maps: np.ndarray | None  # (N, H, W) float32, None for image-level models
+    masks: np.ndarray | None  # (N, H, W) uint8, None when the dataset has no masks
+    paths: list[str] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+    model_seconds: float = 0.0  # time spent in validation_step (the model), not in loading
+
+    @property
+    def ms_per_image(self) -> float:
+        return 1000.0 * self.model_seconds / max(len(self.scores), 1)
+
+
+class EarlyStopper:
+    """Stops when ``monitor`` has not improved by ``min_delta`` for ``patience`` checks."""
+
+    def __init__(self, monitor: str = "image_auroc", patience: int = 5, mode: str | None = None, min_delta: float = 0.0) -> None:
+        self.monitor = monitor
+        self.patience = patience
+        self.mode = mode or ("min" if "loss" in monitor else "max")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        self.min_delta = min_delta
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_checks = 0
+
+    def is_improvement(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "max":
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record ``value``; return True when training should stop."""
+        if self.is_improvement(value):
+            self.best, self.best_epoch, self.bad_checks = value, epoch, 0
+        else:
+            self.bad_checks += 1
+        return self.bad_checks >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_checks": self.bad_checks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_checks = state["best"], state["best_epoch"], state["bad_checks"]
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    from anomalyzoo import __version__
+
+    return {
+        "anomalyzoo": __version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def capture_rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BaseTrainer:
+    """Owns a model, its optimiser and the loop. Subclasses override ``train_step``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_config: TrainConfig | dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.train_config = as_train_config(train_config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.model_type: str = type(self).__name__.removesuffix("Trainer").lower()
+        self.model_config: dict[str, Any] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.optimizer, self.scheduler = self.configure_optimizers()
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+        self.threshold: float | None = None  # image threshold chosen at evaluation
+        self.map_range: tuple[float, float] | None = None  # for comparable heat maps
+        self.early_stopper: EarlyStopper | None = None
+        if self.train_config.early_stopping_monitor:
+            self.early_stopper = EarlyStopper(self.train_config.early_stopping_monitor, self.train_config.early_stopping_patience)
+
+    # ----------------------------------------------------------------- to override
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer | None, Any]:
+        """(optimizer, scheduler); memory-bank models have neither."""
+        return None, None
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step")
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"pred_score": (B,), "anomaly_map": (B, H, W) or absent}`` for a test batch."""
+        return self.model(batch["image"])
+
+    def extra_state(self) -> dict[str, Any]:
+        """Anything beyond the module's state dict that a checkpoint must carry."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ----------------------------------------------------------------- hooks
+    def on_fit_start(self) -> None: ...
+    def on_fit_end(self) -> None: ...
+    def on_epoch_start(self, epoch: int) -> None: ...
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None: ...
+    def on_train_start(self) -> None: ...
+    def on_train_end(self) -> None: ...
+    def on_validation_start(self) -> None: ...
+    def on_validation_end(self) -> None: ...
+
+    # ----------------------------------------------------------------- helpers
+    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """zero_grad, backward, step: the common body of a gradient train_step."""
+        optimizer = optimizer or self.optimizer
+        assert optimizer is not None, "optimize() needs an optimizer from configure_optimizers()"
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ----------------------------------------------------------------- loop
+    def fit(
+        self,
+        train_loader: DataLoader,
+        valid_loader: DataLoader | None = None,
+        num_epochs: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train from ``self.epoch`` (0, or where a resumed checkpoint stopped) to ``num_epochs``.
+
+        With ``checkpoint_dir`` the last state is written after every epoch (``last.pth``) and the
+        best by the early-stopping monitor to ``best.pth``.
+        """
+        num_epochs = num_epochs or self.train_config.num_epochs
+        checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.on_fit_start()
+        for epoch in range(self.epoch, num_epochs):
+            self.on_epoch_start(epoch)
+            record: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(train_loader, epoch, num_epochs)}
+            validate_every = self.train_config.validate_every
+            is_last = epoch + 1 == num_epochs
+            should_stop = False
+            if valid_loader is not None and validate_every and ((epoch + 1) % validate_every == 0 or is_last):
+                record.update(self.validate(valid_loader))
+            self.epoch = epoch + 1
+            self.history.append(record)
+            if self.early_stopper is not None and self.early_stopper.monitor in record:
+                should_stop = self.early_stopper.step(float(record[self.early_stopper.monitor]), self.epoch)
+                if checkpoint_dir is not None and self.early_stopper.best_epoch == self.epoch:
+                    self.save_model(checkpoint_dir / "best.pth")
+            self.on_epoch_end(epoch, record)
+            if checkpoint_dir is not None:
+                self.save_model(checkpoint_dir / "last.pth")
+            if should_stop:
+                tqdm.write(f"Early stopping after epoch {self.epoch}: {self.early_stopper.monitor} has not improved "
+                           f"for {self.early_stopper.patience} checks (best {self.early_stopper.best:.4f} at epoch {self.early_stopper.best_epoch})")
+                break
+        self.on_fit_end()
+        return self.history
+
+    def train_epoch(self, loader: DataLoader, epoch: int = 0, num_epochs: int = 1) -> dict[str, float]:
+        self.model.train()
+        self.on_train_start()
+        totals: dict[str, float] = defaultdict(float)
+        steps = 0
+        bar = tqdm(loader, desc=f"{self.model_type} epoch {epoch + 1}/{num_epochs}", leave=False,
+                   disable=not self.train_config.progress, dynamic_ncols=True)
+        for batch in bar:
+            logs = self.train_step(self.to_device(batch)) or {}
+            steps += 1
+            for key, value in logs.items():
+                totals[key] += float(value)
+            if logs:
+                bar.set_postfix({k: f"{v / steps:.4g}" for k, v in totals.items()})
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.on_train_end()
+        return {key: value / max(steps, 1) for key, value in totals.items()}
+
+    def validate(self, loader: DataLoader) -> dict[str, Any]:
+        """Evaluate and return the metrics (used for validation during fit)."""
+        from anomalyzoo.metrics import compute_metrics
+
+        predictions = self.validation_epoch(loader)
+        return compute_metrics(predictions.labels, predictions.scores, predictions.masks, predictions.anomaly_maps)
+
+    @torch.no_grad()
+    def validation_epoch(self, loader: DataLoader) -> Predictions:
+        self.model.eval()
+        self.on_validation_start()
+        scores, labels, maps, masks, paths, defect_types = [], [], [], [], [], []
+        has_masks = bool(getattr(loader.dataset, "has_masks", True))
+        model_seconds = 0.0
+        for batch in tqdm(loader, desc=f"{self.model_type} evaluate", leave=False,
+                          disable=not self.train_config.progress, dynamic_ncols=True):
+            batch = self.to_device(batch)
+            start = time.perf_counter()
+            output = self.validation_step(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            model_seconds += time.perf_counter() - start
+            scores.append(output["pred_score"].detach().float().reshape(-1).cpu())
+            labels.append(batch["label"].cpu())
+            anomaly_map = output.get("anomaly_map")
+            if anomaly_map is not None:
+                target_size = tuple(batch["mask"].shape[-2:])
+                anomaly_map = anomaly_map.detach().float().reshape(-1, 1, *anomaly_map.shape[-2:])
+                if tuple(anomaly_map.shape[-2:]) != target_size:
+                    anomaly_map = F.interpolate(anomaly_map, size=target_size, mode="bilinear", align_corners=False)
+                maps.append(anomaly_map[:, 0].cpu())
+            masks.append(batch["mask"].cpu().to(torch.uint8))
+            paths.extend(batch["path"])
+            defect_types.extend(batch.get("defect_type", [""] * len(batch["path"])))
+        self.on_validation_end()
+        return Predictions(
+            scores=torch.cat(scores).numpy(),
+            labels=torch.cat(labels).numpy().astype(np.int64),
+            anomaly_maps=torch.cat(maps).numpy() if maps else None,
+            masks=torch.cat(masks).numpy() if has_masks else None,
+            paths=paths,
+            defect_types=list(defect_types),
+            model_seconds=model_seconds,
+        )
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scores and maps for a batch of already-transformed images (B, 3, H, W)."""
+        self.model.eval()
+        return self.validation_step({"image": images.to(self.device)})
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_model(self, path: str | Path) -> Path:
+        """Weights, optimiser/scheduler state, full config, seed, RNG state and library versions."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "model_type": self.model_type,
+            "trainer_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "model_config": dict(self.model_config),
+            "train_config": dataclasses.asdict(self.train_config),
+            "seed": self.train_config.seed,
+            "epoch": self.epoch,
+            "history": self.history,
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "early_stopper_state": self.early_stopper.state_dict() if self.early_stopper is not None else None,
+            "threshold": self.threshold,
+            "map_range": list(self.map_range) if self.map_range is not None else None,
+            "rng_state": capture_rng_state(),
+            "extra_state": self.extra_state(),
+            "versions": library_versions(),
+        }
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)  # never leave a half-written checkpoint behind
+        return path
+
+    def load_model(self, path: str | Path, restore_rng: bool = False) -> "BaseTrainer":
+        """Load a checkpoint written by :meth:`save_model` into this trainer."""
+        checkpoint = read_checkpoint(path)
+        state = checkpoint["model_state"]
+        resize_buffers_to_state_dict(self.model, state)
+        self.model.load_state_dict(state)
+        self.model.to(self.device)
+        if self.optimizer is not None and checkpoint.get("optimizer_state"):
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.scheduler is not None and checkpoint.get("scheduler_state"):
+            self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        if self.early_stopper is not None and checkpoint.get("early_stopper_state"):
+            self.early_stopper.load_state_dict(checkpoint["early_stopper_state"])
+        self.epoch = int(checkpoint.get("epoch", 0))
+        self.history = list(checkpoint.get("history", []))
+        self.threshold = checkpoint.get("threshold")
+        self.map_range = tuple(checkpoint["map_range"]) if checkpoint.get("map_range") else None
+        self.load_extra_state(checkpoint.get("extra_state") or {})
+        if restore_rng:
+            restore_rng_state(checkpoint["rng_state"])
+        return self
+
+    # ----------------------------------------------------------------- reports
+    def save_results(self, path: str | Path, metrics: dict[str, Any], predictions: Predictions, header: dict[str, Any]) -> Path:
+        from anomalyzoo.metrics import threshold_analysis
+        from anomalyzoo.report import write_thresholds_report
+
+        rows = threshold_analysis(predictions.labels, predictions.scores)
+        return write_thresholds_report(path, metrics, rows, header)
+
+    def save_histogram(self, path: str | Path, predictions: Predictions, title: str = "") -> Path:
+        from anomalyzoo.metrics import threshold_analysis
+        from anomalyzoo.report import save_histogram
+
+        thresholds = {row.name: row.threshold for row in threshold_analysis(predictions.labels, predictions.scores)}
+        return save_histogram(path, predictions.scores, predictions.labels, thresholds, title=title)
+
+    def save_maps(self, output_dir: str | Path, prefix: str, predictions: Predictions, images: list[np.ndarray], max_per_class: int = 5) -> list[Path]:
+        """``{prefix}_normal_0001.png``, ``{prefix}_anomaly_0001.png``, ... for the first images of
+        each class. ``images`` are the matching uint8 (H, W, 3) inputs."""
+        from anomalyzoo.report import save_anomaly_map_figure
+
+        if predictions.anomaly_maps is None:
+            return []
+        output_dir = Path(output_dir)
+        vmin, vmax = self.map_range if self.map_range is not None else (None, None)
+        written: list[Path] = []
+        for label, name in ((0, "normal"), (1, "anomaly")):
+            indices = np.flatnonzero(predictions.labels == label)[:max_per_class]
+            for number, index in enumerate(indices, start=1):
+                mask = predictions.masks[index] if predictions.masks is not None and label == 1 else None
+                written.append(save_anomaly_map_figure(
+                    output_dir / f"{prefix}_{name}_{number:04d}.png", images[index], predictions.anomaly_maps[index],
+                    mask, float(predictions.scores[index]), threshold=self.threshold, vmin=vmin, vmax=vmax,
+                    title=Path(predictions.paths[index]).name,
+                ))
+        return written
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"Could not read checkpoint {path}: {error}. Is it a complete file written by anomalyzoo?") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an anomalyzoo checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint

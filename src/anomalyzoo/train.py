@@ -1,0 +1,265 @@
+"""train() and train_models(): one model on one category, or every model on every category.
+
+Each run writes, under ``OUTPUT_DIR/<dataset>/<category>/<model>/`` (spec sec. 5):
+``model_..._epochs-N.pth``, ``results_..._thresholds.txt``, ``histogram_..._scores.png``,
+``image_..._{normal,anomaly}_0001.png`` and ``metrics.json``. An existing run folder is never
+overwritten unless ``overwrite=True``: the new run goes to ``<model>-run2``, ``-run3``, ...
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import resource
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from anomalyzoo.data import get_dataloaders
+from anomalyzoo.data.transforms import denormalize
+from anomalyzoo.metrics import compute_metrics
+from anomalyzoo.models.components.trainer import TRAIN_KEYS, BaseTrainer, Predictions, TrainConfig
+from anomalyzoo.registry import ModelRegistry
+from anomalyzoo.settings import get_settings
+
+RESULT_METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "image_ap", "pixel_f1_max", "pixel_ap")
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) for reproducible runs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def clear_dataloader(*loaders: DataLoader | None) -> None:
+    """Shut down the worker processes of persistent-worker loaders."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if loader is not None:
+            loader._iterator = None
+
+
+def clear_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def print_memory() -> None:
+    print(f"CPU peak RSS: {peak_rss_mb():.0f} MiB")
+    if torch.cuda.is_available():
+        allocated = torch.cuda.memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(f"GPU allocated: {allocated:.0f} MiB (peak {peak:.0f} MiB)")
+
+
+def split_overrides(model_type: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
+    """Registry defaults with per-run overrides: training keys go to TrainConfig, the rest to the model."""
+    train_values = ModelRegistry.get_train_config(model_type)
+    model_overrides = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        (train_values if key in TRAIN_KEYS else model_overrides)[key] = value
+    train_values.setdefault("seed", get_settings().seed)
+    return model_overrides, TrainConfig.from_dict(train_values)
+
+
+def run_name(dataset_type: str, category: str, model_type: str) -> str:
+    return f"{dataset_type}_{category.replace('/', '_')}_{model_type}"
+
+
+def choose_run_dir(base: Path, overwrite: bool, resume: bool) -> Path:
+    """The folder for this run: ``base`` when free (or when asked to overwrite/resume), else
+    the first free ``base-runN`` so another run's outputs are never replaced."""
+    if overwrite or not base.exists() or not any(base.iterdir()):
+        return base
+    candidates = [base] + sorted(base.parent.glob(f"{base.name}-run*"), key=lambda p: int(p.name.rsplit("run", 1)[-1] or 0))
+    if resume:
+        resumable = [p for p in candidates if (p / "checkpoints" / "last.pth").is_file()]
+        if not resumable:
+            raise FileNotFoundError(f"Nothing to resume: no checkpoints/last.pth under {base} or its -runN siblings")
+        return resumable[-1]
+    number = 2
+    while (base.parent / f"{base.name}-run{number}").exists():
+        number += 1
+    return base.parent / f"{base.name}-run{number}"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def collect_images(loader: DataLoader, indices: Sequence[int], normalize: bool) -> dict[int, np.ndarray]:
+    dataset = loader.dataset
+    return {i: denormalize(dataset[i]["image"], normalize) for i in indices}
+
+
+def save_outputs(trainer: BaseTrainer, predictions: Predictions, metrics: dict[str, Any], test_loader: DataLoader,
+                 run_dir: Path, name: str, header: dict[str, Any], max_maps: int) -> None:
+    trainer.save_results(run_dir / f"results_{name}_thresholds.txt", metrics, predictions, header)
+    trainer.save_histogram(run_dir / f"histogram_{name}_scores.png", predictions, title=name)
+    if predictions.anomaly_maps is None or max_maps <= 0:
+        return
+    chosen = [i for label in (0, 1) for i in np.flatnonzero(predictions.labels == label)[:max_maps]]
+    images = collect_images(test_loader, chosen, trainer.train_config.normalize)
+    full = [images.get(i) for i in range(len(predictions.labels))]
+    trainer.save_maps(run_dir, f"image_{name}", predictions, full, max_per_class=max_maps)
+
+
+def train(
+    dataset_type: str,
+    category: str,
+    model_type: str,
+    num_epochs: int | None = None,
+    batch_size: int | None = None,
+    img_size: int | None = None,
+    normalize: bool | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    dataset_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    max_maps: int = 5,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train ``model_type`` on one category and evaluate it on the test split.
+
+    Every argument overrides the registry's default for this run: training keys (num_epochs,
+    batch_size, img_size, normalize, seed, validate_every, ...) and model keys (backbone,
+    layers, coreset_ratio, ...). Returns the metrics and run facts (also in metrics.json).
+    """
+    ModelRegistry.get(model_type)  # unknown names fail before any work
+    overrides = {"num_epochs": num_epochs, "batch_size": batch_size, "img_size": img_size, "normalize": normalize, **overrides}
+    model_overrides, train_config = split_overrides(model_type, overrides)
+    set_seed(train_config.seed)
+    settings = get_settings()
+    name = run_name(dataset_type, category, model_type)
+    base_dir = Path(output_dir or settings.output_dir) / dataset_type / category / model_type
+    run_dir = choose_run_dir(base_dir, overwrite, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    train_loader, test_loader = get_dataloaders(
+        dataset_type, category, img_size=train_config.img_size, batch_size=train_config.batch_size,
+        normalize=train_config.normalize, dataset_dir=dataset_dir, seed=train_config.seed,
+    )
+    trainer = ModelRegistry.get_trainer(model_type, model_overrides, train_config, device)
+    checkpoint_dir = run_dir / "checkpoints" if trainer.optimizer is not None else None
+    if resume:
+        trainer.load_model(run_dir / "checkpoints" / "last.pth", restore_rng=True)
+        print(f"Resuming {model_type} from epoch {trainer.epoch} in {run_dir}")
+
+    start = time.perf_counter()
+    trainer.fit(train_loader, test_loader, checkpoint_dir=checkpoint_dir)
+    fit_seconds = time.perf_counter() - start
+
+    predictions = trainer.validation_epoch(test_loader)
+    metrics = compute_metrics(predictions.labels, predictions.scores, predictions.masks, predictions.anomaly_maps)
+    trainer.threshold = metrics.get("image_f1_threshold")
+    if predictions.anomaly_maps is not None:
+        trainer.map_range = (float(predictions.anomaly_maps.min()), float(predictions.anomaly_maps.max()))
+    checkpoint = trainer.save_model(run_dir / f"model_{name}_epochs-{trainer.epoch}.pth")
+
+    result: dict[str, Any] = {
+        "dataset": dataset_type, "category": category, "model": model_type,
+        **{key: metrics.get(key) for key in RESULT_METRIC_KEYS},
+        "threshold": trainer.threshold,
+        "image_f1_threshold": metrics.get("image_f1_threshold"),
+        "pixel_f1_threshold": metrics.get("pixel_f1_threshold"),
+        "anomaly_maps": predictions.anomaly_maps is not None,
+        "num_epochs": trainer.epoch,
+        "fit_seconds": fit_seconds,
+        "inference_ms_per_image": predictions.ms_per_image,
+        "peak_memory_mb": peak_rss_mb(),
+        "num_train_images": len(train_loader.dataset),
+        "num_test_images": len(test_loader.dataset),
+        "model_config": trainer.model_config,
+        "train_config": {k: getattr(train_config, k) for k in TRAIN_KEYS},
+        "device": str(trainer.device),
+        "output_dir": str(run_dir),
+        "checkpoint": str(checkpoint),
+    }
+    header = {k: result[k] for k in ("dataset", "category", "model", "num_epochs", "fit_seconds", "inference_ms_per_image", "device")}
+    header.update(model_config=trainer.model_config, seed=train_config.seed, img_size=train_config.img_size)
+    save_outputs(trainer, predictions, metrics, test_loader, run_dir, name, header, max_maps)
+    result = {k: _json_value(v) for k, v in result.items()}
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    clear_dataloader(train_loader, test_loader)
+    return result
+
+
+def train_models(
+    dataset_type: str,
+    categories: str | Sequence[str],
+    model_types: str | Sequence[str],
+    output_dir: str | Path | None = None,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Every model on every category; a failure is reported and the rest go on. Ends with a
+    summary table printed and written as ``summary_<dataset>_<time>.csv`` / ``.md`` in OUTPUT_DIR."""
+    from anomalyzoo.report import format_markdown_table, write_summary_tables
+
+    categories = [categories] if isinstance(categories, str) else list(categories)
+    model_types = [model_types] if isinstance(model_types, str) else list(model_types)
+    rows: list[dict[str, Any]] = []
+    for category in categories:
+        for model_type in model_types:
+            print(f"\n=== {dataset_type}/{category}: {model_type} ===")
+            try:
+                result = train(dataset_type, category, model_type, output_dir=output_dir, **overrides)
+                rows.append({k: result.get(k) for k in ("dataset", "category", "model", *RESULT_METRIC_KEYS,
+                                                        "fit_seconds", "inference_ms_per_image", "output_dir")})
+            except Exception as error:  # one failure must not stop the others
+                traceback.print_exc()
+                rows.append({"dataset": dataset_type, "category": category, "model": model_type,
+                             "error": f"{type(error).__name__}: {error}"})
+            finally:
+                clear_memory()
+    columns = ["dataset", "category", "model", "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max",
+               "fit_seconds", "inference_ms_per_image", "error"]
+    root = Path(output_dir or get_settings().output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    stem = free_stem(root, f"summary_{dataset_type}_{time.strftime('%Y%m%d-%H%M%S')}")
+    csv_path, md_path = write_summary_tables(rows, root / f"{stem}.csv", root / f"{stem}.md", columns)
+    print("\n" + format_markdown_table(rows, columns))
+    print(f"Summary written to {md_path} and {csv_path}")
+    return rows
+
+
+def free_stem(folder: Path, stem: str) -> str:
+    """``stem`` or ``stem-2``, ``stem-3``...: the first whose summary files do not exist yet."""
+    candidate, number = stem, 2
+    while (folder / f"{candidate}.csv").exists() or (folder / f"{candidate}.md").exists():
+        candidate, number = f"{stem}-{number}", number + 1
+    return candidate

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalyzoo import set_globals
+from anomalyzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from anomalyzoo.models.components.backbone import (
+    BACKBONE_WEIGHT_FILES,
+    BackboneWeightsNotFound,
+    create_backbone,
+    get_backbone_path,
+)
+from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor, layer_stride
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+
+
+def test_weight_table_and_paths(tmp_path):
+    assert BACKBONE_WEIGHT_FILES["wide_resnet50_2"] == "wide_resnet50_2.pth"
+    assert BACKBONE_WEIGHT_FILES["dinov2_vit_small_14"] == "dinov2_vit_small_14/dinov2_vits14_pretrain.pth"
+    assert BACKBONE_WEIGHT_FILES["efficientad_teacher_small"] == "efficientad/pretrained_teacher_small.pth"
+    set_globals(backbone_dir=tmp_path)
+    assert get_backbone_path("resnet18") == tmp_path / "resnet18.pth"
+
+
+def test_missing_weights_name_the_file_to_put_where(tmp_path):
+    set_globals(backbone_dir=tmp_path)
+    with pytest.raises(BackboneWeightsNotFound, match=str(tmp_path / "resnet18.pth")):
+        create_backbone("resnet18", features_only=True)
+    create_backbone("resnet18", pretrained=False, features_only=True)  # random weights only on request
+
+
+def test_weights_come_from_backbone_dir(tmp_path):
+    set_globals(backbone_dir=tmp_path)
+    reference = create_backbone("resnet18", pretrained=False)
+    torch.nn.init.constant_(reference.layer2[0].conv1.weight, 0.123)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    features = create_backbone("resnet18", features_only=True, out_indices=(2,))
+    assert torch.allclose(features.layer2[0].conv1.weight, torch.full_like(features.layer2[0].conv1.weight, 0.123))
+
+
+def test_corrupt_weights_file_is_a_clear_error(tmp_path):
+    set_globals(backbone_dir=tmp_path)
+    (tmp_path / "resnet18.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneWeightsNotFound, match="Could not read backbone weights"):
+        create_backbone("resnet18")
+
+
+def test_layer_names_resolve_by_stride_for_resnet_and_efficientnet():
+    assert [layer_stride(f"layer{i}") for i in (1, 2, 3, 4)] == [4, 8, 16, 32]
+    resnet = TimmFeatureExtractor("resnet18", ["layer1", "layer3"], pretrained=False)
+    lite = TimmFeatureExtractor("efficientnet_lite0", ["layer2", "layer3"], pretrained=False)
+    assert resnet.strides == [4, 16] and resnet.out_dims == [64, 256]
+    assert lite.strides == [8, 16] and lite.out_dims == [40, 112]
+    features = lite(torch.zeros(1, 3, 64, 64))
+    assert features["layer2"].shape == (1, 40, 8, 8) and features["layer3"].shape == (1, 112, 4, 4)
+    with pytest.raises(ValueError, match="Layer names must look like"):
+        TimmFeatureExtractor("resnet18", ["conv5"], pretrained=False)
+
+
+def test_extractor_renormalises_to_the_backbone_statistics():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 64)
+    normalized = (image - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    on_imagenet = TimmFeatureExtractor("efficientnet_lite0", ["layer2"], pretrained=False, input_normalized=True)
+    on_unit = TimmFeatureExtractor("efficientnet_lite0", ["layer2"], pretrained=False, input_normalized=False)
+    on_unit.load_state_dict(on_imagenet.state_dict())
+    assert torch.allclose(on_imagenet(normalized)["layer2"], on_unit(image)["layer2"], atol=1e-4)
+
+
+def test_lite0_imagenet_weights_label_real_bottles_as_bottles(bottle_dataset_dir, lite0_weights, tmp_path):
+    """The mapped package weights are real ImageNet weights: on MVTec bottles they put much more
+    probability on bottle/cup classes than random weights do."""
+    from torchvision.models import ResNet18_Weights
+
+    set_globals(backbone_dir=tmp_path)  # empty: the package must be the source
+    classes = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    wanted = [i for i, name in enumerate(classes) if "bottle" in name or name in ("cup", "pill bottle")]
+    folder = bottle_dataset_dir / "mvtec" / "bottle" / "test" / "good"
+    images = []
+    for path in sorted(folder.glob("*.png"))[:8]:
+        array = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255.0
+        images.append(torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1))
+    batch = torch.stack(images)
+    with torch.no_grad():
+        pretrained = create_backbone("efficientnet_lite0").eval()(batch).softmax(-1)
+        random = create_backbone("efficientnet_lite0", pretrained=False).eval()(batch).softmax(-1)
+    bottle_mass = pretrained[:, wanted].sum(1).mean().item()
+    assert bottle_mass > 0.1, bottle_mass
+    assert bottle_mass > 5 * random[:, wanted].sum(1).mean().item()
