@@ -1,7 +1,10 @@
 """Fit time, inference time, peak memory and accuracy per model on one MVTec category.
 
     python benchmarks/bench_models.py --dataset-dir ../shared/data --models patchcore padim
-    python benchmarks/bench_models.py --dataset-dir ../shared/data --models stfpm --set num_epochs=5
+    python benchmarks/bench_models.py --dataset-dir ../shared/data --models stfpm fre --set num_epochs=5
+    python benchmarks/bench_models.py --models stfpm efficientad-small --set stfpm.num_epochs=3
+
+``--set KEY=VALUE`` applies to every model, ``--set MODEL.KEY=VALUE`` to one.
 
 Each model runs in its own process so that the peak memory reported is that model's alone.
 Prints a Markdown table (and writes it with a CSV next to the runs' outputs).
@@ -19,15 +22,19 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ["model", "backbone", "img_size", "num_epochs", "image_auroc", "pixel_auroc", "pixel_aupro",
-           "fit_seconds", "fit_seconds_per_epoch", "inference_ms_per_image", "peak_memory_mb", "device"]
+           "fit_seconds", "fit_seconds_per_epoch", "inference_ms_per_image", "peak_memory_mb", "gpu_peak_memory_mb", "device"]
 
 
 def run_one(queue: mp.Queue, model: str, args: dict[str, Any]) -> None:
-    from anomalyzoo import train
+    from anomalyzoo import ModelRegistry, train
 
     try:
+        overrides = {key: value for key, value in args["overrides"].items() if "." not in key}
+        overrides.update({key.split(".", 1)[1]: value for key, value in args["overrides"].items() if key.startswith(model + ".")})
+        if "backbone" in ModelRegistry.get_model_config(model):  # efficientad has no backbone option
+            overrides.setdefault("backbone", args["backbone"])
         result = train(args["dataset"], args["category"], model, dataset_dir=args["dataset_dir"],
-                       output_dir=args["output_dir"], backbone=args["backbone"], max_maps=1, **args["overrides"])
+                       output_dir=args["output_dir"], max_maps=1, **overrides)
         result["fit_seconds_per_epoch"] = result["fit_seconds"] / max(result["num_epochs"], 1)
         result["backbone"] = result["model_config"].get("backbone", "-")
         result["img_size"] = result["train_config"]["img_size"]

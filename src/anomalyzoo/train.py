@@ -202,6 +202,7 @@ def train(
         "fit_seconds": fit_seconds,
         "inference_ms_per_image": predictions.ms_per_image,
         "peak_memory_mb": peak_rss_mb(),
+        "gpu_peak_memory_mb": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if trainer.device.type == "cuda" else None,
         "num_train_images": len(train_loader.dataset),
         "num_test_images": len(test_loader.dataset),
         "model_config": trainer.model_config,

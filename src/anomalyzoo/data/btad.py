@@ -17,7 +17,6 @@ from anomalyzoo.data.base import (
     category_dir,
     check_split,
     index_by_stem,
-    list_images,
     require_images,
     require_masks,
 )
@@ -31,9 +30,14 @@ def btad_samples(root: Path, category: str, split: str) -> list[Sample]:
         images = require_images(folder / "train" / "ok", "the normal training images")
         return [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in images]
 
-    samples = [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in list_images(folder / "test" / "ok")]
+    # A missing 'ok/' or 'ko/' is allowed; one that exists but is empty is most likely a copy that failed.
+    ok_images, ko_images = (
+        require_images(sub, f"the {what} test images (or remove the folder)") if sub.is_dir() else []
+        for sub, what in ((folder / "test" / "ok", "normal"), (folder / "test" / "ko", "defective"))
+    )
+    samples = [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in ok_images]
     masks = index_by_stem(folder / "ground_truth" / "ko")
-    samples += [Sample(path, 1, masks.get(path.stem), "ko") for path in list_images(folder / "test" / "ko")]
+    samples += [Sample(path, 1, masks.get(path.stem), "ko") for path in ko_images]
     if not samples:
         raise DatasetError(
             f"No test images in '{folder / 'test'}'; expected 'ok/' (normal) and 'ko/' (defective) "

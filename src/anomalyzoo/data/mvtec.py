@@ -17,7 +17,6 @@ from anomalyzoo.data.base import (
     category_dir,
     check_split,
     index_by_stem,
-    list_images,
     require_images,
     require_masks,
 )
@@ -32,11 +31,16 @@ def mvtec_samples(root: Path, category: str, split: str) -> list[Sample]:
         return [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in images]
 
     test_dir = folder / "test"
-    defect_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_dir.is_dir() else []
+    defect_dirs = (
+        sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_dir.is_dir() else []
+    )
     samples: list[Sample] = []
     for defect_dir in defect_dirs:
-        images = list_images(defect_dir)
-        if defect_dir.name == NORMAL_DEFECT_TYPE:
+        # An empty folder is most likely a copy that failed; skipping it would quietly evaluate on less.
+        is_normal = defect_dir.name == NORMAL_DEFECT_TYPE
+        expected = "the normal test images" if is_normal else f"the '{defect_dir.name}' test images (or no folder)"
+        images = require_images(defect_dir, expected)
+        if is_normal:
             samples += [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in images]
             continue
         masks = index_by_stem(folder / "ground_truth" / defect_dir.name)

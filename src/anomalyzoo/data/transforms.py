@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,10 +36,15 @@ def _read_error(path: Path, what: str, reason: object) -> ImageReadError:
 def _open_fully(path: str | Path, what: str) -> Image.Image:
     """Open and decode the whole file. ``Image.open`` alone only reads the header, so a file cut
     short would pass it and fail (or, with LOAD_TRUNCATED_IMAGES, silently come back grey) much
-    later inside a DataLoader worker; ``load()`` makes the failure happen here, with the name."""
+    later inside a DataLoader worker; ``load()`` makes the failure happen here, with the name.
+    Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` (often switched on in notebooks) is
+    held off while we decode: a half-grey image would be a false anomaly in the test set and
+    a corrupted memory in the training set."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{what.capitalize()} file '{path}' does not exist (or is not a file).")
+    load_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as img:
             img.load()
@@ -47,6 +52,8 @@ def _open_fully(path: str | Path, what: str) -> Image.Image:
             return img.copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise _read_error(path, what, error) from error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated
 
 
 def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -101,6 +108,8 @@ def read_binary_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
     8-bit, > 32767 for 16-bit, set for 1-bit), which is right for the usual 0/255 masks and
     ignores the grey fringe some tools anti-alias in. ``nonzero=True`` counts every non-zero
     pixel instead, for datasets (VisA) whose masks store small label values such as 1.
+    A mask whose largest value is 1 is such a 0/1 label mask whatever ``nonzero`` says (no
+    0/255 mask, anti-aliased or not, tops out at 1), so its defect is not silently lost.
     Colour masks count a pixel when any channel does, so a red-on-black mask works too.
     """
     img = _open_fully(path, "mask")
@@ -111,7 +120,7 @@ def read_binary_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
         pixels = pixels[:, :, 0] if img.mode in ("LA", "La") else pixels.max(axis=2)
     if img.mode == "1" or pixels.dtype == bool:
         return pixels.astype(bool)
-    if nonzero:
+    if nonzero or (pixels.dtype.kind in "ui" and pixels.max(initial=0) == 1):
         return pixels > 0
     if img.mode in _SIXTEEN_BIT_MODES:
         return pixels > 32767

@@ -4,9 +4,12 @@
     <root>/<category>/Data/Masks/Anomaly/*.png
     <root>/<category>/split_csv/1cls.csv     columns: object,split,label,image,mask
 
-Paths in the CSV are relative to ``<root>`` (``candle/Data/Images/Normal/0000.JPG``). The
-original release keeps one ``split_csv/1cls.csv`` for all objects at ``<root>``; that location
-is read when the category has none of its own. VisA masks store small values (1, 2, ...) for
+Paths in the CSV are relative to ``<root>`` (``candle/Data/Images/Normal/0000.JPG``), as in the
+original release; a per-category CSV may also give them relative to ``<root>/<category>``
+(``Data/Images/Normal/0000.JPG``). The original release keeps one ``split_csv/1cls.csv`` for
+all objects at ``<root>``; that location is read when the category has none of its own. The
+train split must hold normal images only: training on a defective image would silently teach
+the model that the defect is normal. VisA masks store small values (1, 2, ...) for
 defect pixels rather than 255, so they are binarised with "any non-zero".
 """
 
@@ -33,6 +36,15 @@ def find_split_csv(root: Path, category: str) -> Path:
     )
 
 
+def _resolve(root: Path, category: str, relative: str) -> Path:
+    """A CSV path relative to ``root`` (VisA's own convention) or, failing that, to ``root/<category>``."""
+    from_root = root / relative
+    if from_root.is_file():
+        return from_root
+    from_category = root / category / relative
+    return from_category if from_category.is_file() else from_root
+
+
 def visa_samples(root: Path, category: str, split: str) -> list[Sample]:
     """The rows of ``1cls.csv`` for this object and split, in file order."""
     check_split(split)
@@ -49,15 +61,21 @@ def visa_samples(root: Path, category: str, split: str) -> list[Sample]:
 
     samples: list[Sample] = []
     for line, row in enumerate(rows, start=2):
-        if row["object"] != category or row["split"] != split:
+        if row["object"] != category or row["split"].lower() != split:
             continue
         label = LABELS.get(row["label"].lower())
         if label is None:
             raise DatasetError(f"'{csv_path}' line {line}: label '{row['label']}' is not one of {sorted(LABELS)}.")
+        if label == 1 and split == "train":
+            raise DatasetError(
+                f"'{csv_path}' line {line}: anomalous image '{row['image']}' is in the train split; "
+                f"the models train on normal images only. Move it to the test split."
+            )
         if label == 1 and not row["mask"]:
             raise DatasetError(f"'{csv_path}' line {line}: anomalous image '{row['image']}' has an empty mask column.")
-        mask_path = root / row["mask"] if label == 1 else None
-        samples.append(Sample(root / row["image"], label, mask_path, "anomaly" if label else NORMAL_DEFECT_TYPE, mask_nonzero=True))
+        mask_path = _resolve(root, category, row["mask"]) if label == 1 else None
+        defect_type = "anomaly" if label else NORMAL_DEFECT_TYPE
+        samples.append(Sample(_resolve(root, category, row["image"]), label, mask_path, defect_type, mask_nonzero=True))
 
     if not samples:
         objects = sorted({row["object"] for row in rows})
@@ -68,6 +86,7 @@ def visa_samples(root: Path, category: str, split: str) -> list[Sample]:
     if missing_files:
         shown = "\n  ".join(str(path) for path in missing_files[:10])
         raise DatasetError(
-            f"{len(missing_files)} file(s) listed in '{csv_path}' do not exist (paths are relative to '{root}'):\n  {shown}"
+            f"{len(missing_files)} file(s) listed in '{csv_path}' do not exist "
+            f"(paths are relative to '{root}' or '{root / category}'):\n  {shown}"
         )
     return samples

@@ -261,6 +261,9 @@ class BaseTrainer:
 
     def train_epoch(self, loader: DataLoader, epoch: int = 0, num_epochs: int = 1) -> dict[str, float]:
         self.model.train()
+        if isinstance(getattr(loader, "generator", None), torch.Generator):
+            # the shuffle order of epoch e depends only on (seed, e): a resumed run sees the same batches
+            loader.generator.manual_seed(self.train_config.seed * 1000 + epoch)
         self.on_train_start()
         totals: dict[str, float] = defaultdict(float)
         steps = 0
