@@ -104,6 +104,10 @@ MODEL_TABLE: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
      {"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, _train(1, 4), "memory"),
     ("patchcore", f"{_MODELS}.patchcore.PatchcoreTrainer",
      {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, _train(1, 8), "memory"),
+    ("dfkde", f"{_MODELS}.dfkde.DfkdeTrainer",
+     {"backbone": "resnet50", "layers": ["layer4"]}, _train(1, 8), "memory"),
+    ("dfm", f"{_MODELS}.dfm.DfmTrainer",
+     {"backbone": "resnet50", "layer": "layer3", "score_type": "fre"}, _train(1, 16), "adaptation"),
 ]
 
 ModelRegistry.register_all_models()
