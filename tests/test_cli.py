@@ -58,3 +58,16 @@ def test_console_script_is_installed():
         pytest.skip("package not installed with pip in this environment")
     result = subprocess.run([executable, "list"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "patchcore" in result.stdout
+
+
+def test_distill_teacher_command_writes_a_teacher_and_never_overwrites_it(synthetic_dataset_dir, lite0_weights, tmp_path, capsys):
+    images = synthetic_dataset_dir / "mvtec" / "synthetic_texture" / "train" / "good"
+    arguments = ["distill-teacher", "--images", str(images), "--backbone", "efficientnet_lite0", "--num-steps", "2",
+                 "--batch-size", "2", "--img-size", "64", "--backbone-dir", str(tmp_path)]
+    assert main(arguments) == 0
+    teacher = tmp_path / "efficientad" / "pretrained_teacher_small.pth"
+    assert teacher.is_file()
+    written = teacher.stat().st_mtime_ns
+    assert main(arguments) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert teacher.stat().st_mtime_ns == written

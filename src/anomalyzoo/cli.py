@@ -1,4 +1,4 @@
-"""Command line: ``anomalyzoo train | list | demo | predict``."""
+"""Command line: ``anomalyzoo train | list | demo | predict | distill-teacher``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from anomalyzoo.registry import ModelRegistry
-from anomalyzoo.settings import set_globals
+from anomalyzoo.settings import get_settings, set_globals
 
 
 def parse_value(text: str) -> Any:
@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+")
     predict.add_argument("--output-dir", default="predictions")
     predict.add_argument("--device")
+
+    distill = commands.add_parser("distill-teacher", help="make EfficientAD's PDN teacher by distilling a pretrained backbone")
+    distill.add_argument("--images", required=True, nargs="+", help="folder(s) of images to distil on (searched recursively)")
+    distill.add_argument("--model-size", choices=["small", "medium"], default="small")
+    distill.add_argument("--backbone", default="wide_resnet50_2")
+    distill.add_argument("--num-steps", type=int, default=10000)
+    distill.add_argument("--batch-size", type=int, default=8)
+    distill.add_argument("--img-size", type=int, default=256)
+    distill.add_argument("--output", help="teacher file (default BACKBONE_DIR/efficientad/pretrained_teacher_<size>.pth)")
+    distill.add_argument("--overwrite", action="store_true")
+    distill.add_argument("--device")
+    add_global_options(distill)
     return parser
 
 
@@ -119,6 +131,18 @@ def command_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_distill_teacher(args: argparse.Namespace) -> int:
+    from anomalyzoo.models.efficientad import distill_teacher
+
+    set_globals(dataset_dir=args.dataset_dir, backbone_dir=args.backbone_dir, output_dir=args.output_dir,
+                seed=args.seed, num_workers=args.num_workers)
+    path = distill_teacher(args.images, model_size=args.model_size, backbone=args.backbone, output_path=args.output,
+                           num_steps=args.num_steps, batch_size=args.batch_size, img_size=args.img_size,
+                           seed=get_settings().seed, device=args.device, overwrite=args.overwrite)
+    print(f"Teacher written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -128,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             return command_list()
         if args.command == "demo":
             return command_demo(args)
+        if args.command == "distill-teacher":
+            return command_distill_teacher(args)
         return command_predict(args)
-    except (KeyError, ValueError, FileNotFoundError, TypeError) as error:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
         print(f"anomalyzoo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -106,6 +106,10 @@ MODEL_TABLE: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
      {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, _train(1, 8), "memory"),
     ("dfkde", f"{_MODELS}.dfkde.DfkdeTrainer",
      {"backbone": "resnet50", "layers": ["layer4"]}, _train(1, 8), "memory"),
+    ("efficientad-small", f"{_MODELS}.efficientad.EfficientAdTrainer",
+     {"model_size": "small"}, _train(20, 1, normalize=False), "distillation"),
+    ("efficientad-medium", f"{_MODELS}.efficientad.EfficientAdTrainer",
+     {"model_size": "medium"}, _train(20, 1, normalize=False), "distillation"),
     ("dfm", f"{_MODELS}.dfm.DfmTrainer",
      {"backbone": "resnet50", "layer": "layer3", "score_type": "fre"}, _train(1, 16), "adaptation"),
 ]

@@ -7,6 +7,7 @@ last stage whose output stride is ``2 ** (N + 1)`` (layer1 = stride 4, layer3 = 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,17 @@ def layer_stride(layer: str) -> int:
     if not layer.startswith("layer") or not layer[5:].isdigit():
         raise ValueError(f"Layer names must look like 'layer1'..'layer4', got '{layer}'")
     return 2 ** (int(layer[5:]) + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_stage_info(backbone: str) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """(stride of every feature stage, input mean, input std) of a timm backbone. Building the
+    probe model costs seconds for large backbones, so it is done once per name and process,
+    and it leaves the global RNG untouched so that seeded runs do not depend on the cache."""
+    with torch.random.fork_rng(devices=[]):  # the probe's random init must not move the global RNG
+        probe = create_backbone(backbone, pretrained=False, features_only=True)
+    cfg = getattr(probe, "pretrained_cfg", {}) or {}
+    return tuple(probe.feature_info.reduction()), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 class TimmFeatureExtractor(nn.Module):
@@ -42,8 +54,7 @@ class TimmFeatureExtractor(nn.Module):
         super().__init__()
         self.backbone_name = backbone
         self.layers = list(layers)
-        probe = create_backbone(backbone, pretrained=False, features_only=True)
-        strides = probe.feature_info.reduction()
+        strides, backbone_mean, backbone_std = backbone_stage_info(backbone)
         out_indices = []
         for layer in self.layers:
             wanted = layer_stride(layer)
@@ -62,9 +73,8 @@ class TimmFeatureExtractor(nn.Module):
             for parameter in self.feature_extractor.parameters():
                 parameter.requires_grad_(False)
 
-        cfg = getattr(probe, "pretrained_cfg", {}) or {}
-        target_mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
-        target_std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1)
+        target_mean = torch.tensor(backbone_mean).view(1, 3, 1, 1)
+        target_std = torch.tensor(backbone_std).view(1, 3, 1, 1)
         source_mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) if input_normalized else torch.zeros(1, 3, 1, 1)
         source_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) if input_normalized else torch.ones(1, 3, 1, 1)
         # x_backbone = (x * source_std + source_mean - target_mean) / target_std = x * scale + shift
