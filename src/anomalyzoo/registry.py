@@ -106,6 +106,8 @@ MODEL_TABLE: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
      {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, _train(1, 8), "memory"),
     ("dfkde", f"{_MODELS}.dfkde.DfkdeTrainer",
      {"backbone": "resnet50", "layers": ["layer4"]}, _train(1, 8), "memory"),
+    ("reverse-distillation", f"{_MODELS}.reverse_distillation.ReverseDistillationTrainer",
+     {"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, _train(50, 8), "distillation"),
     ("efficientad-small", f"{_MODELS}.efficientad.EfficientAdTrainer",
      {"model_size": "small"}, _train(20, 1, normalize=False), "distillation"),
     ("efficientad-medium", f"{_MODELS}.efficientad.EfficientAdTrainer",
