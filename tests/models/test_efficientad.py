@@ -207,3 +207,15 @@ def test_imagenet_penalty_images_are_used_when_imagenette_exists(tmp_path):
     assert np.isfinite(logs["loss"]) and logs["loss_st"] > 0
     set_globals(dataset_dir=tmp_path / "elsewhere")
     assert trainer.penalty_images() is None  # no Imagenette: no penalty, as the paper's ablation
+
+
+def test_distillation_projection_matrix_equals_the_two_channel_poolings():
+    from anomalyzoo.models.efficientad import channel_pooling_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    channels = [40, 112]
+    vectors = [torch.randn(30, c, generator=generator) for c in channels]
+    per_layer = [F.adaptive_avg_pool1d(v[:, None, :], 1024) for v in vectors]
+    expected = F.adaptive_avg_pool1d(torch.cat(per_layer, dim=2), 384)[:, 0]
+    projected = torch.cat(vectors, dim=1) @ channel_pooling_matrix(channels, 1024, 384)
+    assert torch.allclose(projected, expected, atol=1e-5)

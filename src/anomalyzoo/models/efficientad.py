@@ -499,7 +499,11 @@ class DistillationTarget(nn.Module):
     """Backbone patch features projected to ``out_channels`` by a fixed linear map, as in the
     reference pretraining (PatchCore's aggregation): each layer's features are averaged over
     3x3 neighbourhoods, brought to the first layer's grid bilinearly, pooled over channels to
-    1024 each (adaptive average pooling), and the concatenation pooled to ``out_channels``."""
+    1024 each (adaptive average pooling), and the concatenation pooled to ``out_channels``.
+
+    Both poolings are linear along the channels, so they are folded into one
+    (sum of channels, out_channels) matrix: one small matmul per position instead of
+    materialising 1024-channel vectors for every position."""
 
     def __init__(self, backbone: str, layers: Sequence[str], out_channels: int = 384, embed_dim: int = 1024) -> None:
         super().__init__()
@@ -507,22 +511,29 @@ class DistillationTarget(nn.Module):
 
         self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=True, input_normalized=False)
         self.layers, self.out_channels, self.embed_dim = list(layers), out_channels, embed_dim
+        self.register_buffer("projection", channel_pooling_matrix(self.extractor.out_dims, embed_dim, out_channels), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.extractor(images)
         grid = features[self.layers[0]].shape[-2:]
-        pooled = []
+        aggregated = []
         for layer in self.layers:
             feature = F.avg_pool2d(features[layer], kernel_size=3, stride=1, padding=1)
             if feature.shape[-2:] != grid:
                 feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
-            batch, channels, height, width = feature.shape
-            vectors = feature.permute(0, 2, 3, 1).reshape(-1, 1, channels)
-            pooled.append(F.adaptive_avg_pool1d(vectors, self.embed_dim))
-        stacked = torch.cat(pooled, dim=2)  # (B*h*w, 1, layers*embed_dim)
-        projected = F.adaptive_avg_pool1d(stacked, self.out_channels)[:, 0]
-        return projected.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2).contiguous()
+            aggregated.append(feature)
+        return torch.einsum("bchw,co->bohw", torch.cat(aggregated, dim=1), self.projection).contiguous()
+
+
+def channel_pooling_matrix(channels: Sequence[int], embed_dim: int, out_channels: int) -> torch.Tensor:
+    """The linear map of "adaptive-average-pool each layer's channels to ``embed_dim``, concatenate,
+    adaptive-average-pool to ``out_channels``", as a (sum(channels), out_channels) matrix."""
+    def pooling(size_in: int, size_out: int) -> torch.Tensor:  # row i: what input i contributes to each output
+        return F.adaptive_avg_pool1d(torch.eye(size_in, dtype=torch.float64)[:, None, :], size_out)[:, 0, :]
+
+    per_layer = torch.block_diag(*[pooling(c, embed_dim) for c in channels])  # (sum c, L * embed_dim)
+    return (per_layer @ pooling(len(channels) * embed_dim, out_channels)).float()
 
 
 def distill_teacher(
