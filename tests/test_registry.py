@@ -34,3 +34,30 @@ def test_register_and_get_trainer_with_overrides():
             ModelRegistry.get_trainer("padim-tiny", {"pretrained": False, "no_such_option": 1})
     finally:
         ModelRegistry._entries.pop("padim-tiny")
+
+
+SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_size, normalize)
+    "padim": ({"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, 1, 4, 256, True),
+    "patchcore": ({"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, 1, 8, 256, True),
+    "dfkde": ({"backbone": "resnet50", "layers": ["layer4"]}, 1, 8, 256, True),
+    "dfm": ({"backbone": "resnet50", "layer": "layer3", "score_type": "fre"}, 1, 16, 256, True),
+    "stfpm": ({"backbone": "resnet50", "layers": ["layer1", "layer2", "layer3"]}, 50, 16, 256, True),
+    "fre": ({"backbone": "resnet50", "layer": "layer3"}, 50, 16, 256, True),
+    "reverse-distillation": ({"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, 50, 8, 256, True),
+    "efficientad-small": ({"model_size": "small"}, 20, 1, 256, False),
+    "efficientad-medium": ({"model_size": "medium"}, 20, 1, 256, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_DEFAULTS))
+def test_every_registered_model_has_the_spec_defaults_and_a_trainer(name):
+    model_config, epochs, batch, img_size, normalize = SPEC_DEFAULTS[name]
+    assert ModelRegistry.get_model_config(name) == model_config
+    assert ModelRegistry.get_train_config(name) == {"num_epochs": epochs, "batch_size": batch, "img_size": img_size, "normalize": normalize}
+    trainer_class = ModelRegistry.get_trainer_class(name)
+    assert trainer_class.__name__.endswith("Trainer")
+    assert (trainer_class.__module__ and __import__(trainer_class.__module__, fromlist=["_"]).__doc__), "the module must cite its paper"
+
+
+def test_only_implemented_models_are_registered():
+    assert set(ModelRegistry.list_models()) == set(SPEC_DEFAULTS)

@@ -96,14 +96,15 @@ def run_name(dataset_type: str, category: str, model_type: str) -> str:
 def choose_run_dir(base: Path, overwrite: bool, resume: bool) -> Path:
     """The folder for this run: ``base`` when free (or when asked to overwrite/resume), else
     the first free ``base-runN`` so another run's outputs are never replaced."""
-    if overwrite or not base.exists() or not any(base.iterdir()):
-        return base
     candidates = [base] + sorted(base.parent.glob(f"{base.name}-run*"), key=lambda p: int(p.name.rsplit("run", 1)[-1] or 0))
     if resume:
         resumable = [p for p in candidates if (p / "checkpoints" / "last.pth").is_file()]
         if not resumable:
-            raise FileNotFoundError(f"Nothing to resume: no checkpoints/last.pth under {base} or its -runN siblings")
+            raise FileNotFoundError(f"Nothing to resume: no checkpoints/last.pth under {base} or its -runN siblings. "
+                                    "Start the run without resume first (a model without epochs has nothing to resume).")
         return resumable[-1]
+    if overwrite or not base.exists() or not any(base.iterdir()):
+        return base
     number = 2
     while (base.parent / f"{base.name}-run{number}").exists():
         number += 1
