@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anomalyzoo import train
 from anomalyzoo.models.components.backbone import BackboneWeightsNotFound, get_backbone_path
