@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import multiprocessing as mp
 import sys
 import tempfile

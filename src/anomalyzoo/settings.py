@@ -71,7 +71,6 @@ def print_globals() -> None:
 
 def reset_globals() -> Settings:
     """Restore the defaults (environment variables re-read). Used by tests."""
-    global _SETTINGS
     fresh = Settings()
     for f in dataclasses.fields(Settings):
         setattr(_SETTINGS, f.name, getattr(fresh, f.name))

@@ -79,8 +79,7 @@ def test_dfkde_subsamples_training_vectors_reproducibly():
     def fitted_dataset() -> torch.Tensor:
         trainer = DfkdeTrainer(backbone="efficientnet_lite0", max_training_points=30, pretrained=False,
                                device="cpu", train_config={"progress": False, "seed": 3})
-        trainer.embeddings = [torch.randn(50, 320, generator=torch.Generator().manual_seed(1))]
-        trainer.on_train_end()
+        trainer.fit_features(torch.randn(50, 320, generator=torch.Generator().manual_seed(1)))
         return trainer.model.kde.dataset
 
     first, second = fitted_dataset(), fitted_dataset()

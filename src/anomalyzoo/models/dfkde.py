@@ -26,7 +26,7 @@ from torch import nn
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.gaussian_kde import GaussianKDE
 from anomalyzoo.models.components.pca import PCA
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
 
 FEATURE_SCALING_METHODS = ("scale", "norm")
 
@@ -81,7 +81,7 @@ class DfkdeModel(nn.Module):
         return {"pred_score": -self.kde.log_density(coefficients)}
 
 
-class DfkdeTrainer(BaseTrainer):
+class DfkdeTrainer(FeatureBankTrainer):
     """One pass collects a pooled feature vector per training image; PCA and the KDE are fitted at
     the end of the epoch (no gradients, no optimiser)."""
 
@@ -103,19 +103,11 @@ class DfkdeTrainer(BaseTrainer):
         if max_training_points < 1:
             raise ValueError(f"max_training_points must be >= 1, got {max_training_points}")
         self.max_training_points = max_training_points
-        self.embeddings: list[torch.Tensor] = []
 
-    def on_train_start(self) -> None:
-        self.embeddings = []
+    def collect(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images)  # (B, C) pooled vectors
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        with torch.no_grad():
-            self.embeddings.append(self.model.embed(batch["image"]).cpu())
-        return {}
-
-    def on_train_end(self) -> None:
-        embeddings = torch.cat(self.embeddings)
-        self.embeddings = []
+    def fit_features(self, embeddings: torch.Tensor) -> None:
         if embeddings.shape[0] > self.max_training_points:
             generator = torch.Generator().manual_seed(self.train_config.seed)
             keep = torch.randperm(embeddings.shape[0], generator=generator)[:self.max_training_points]

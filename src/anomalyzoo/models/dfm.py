@@ -32,7 +32,7 @@ from torch import nn
 
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.pca import PCA
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
 
 SCORE_TYPES = ("fre", "nll")
 
@@ -111,7 +111,7 @@ class DfmModel(nn.Module):
         return {"pred_score": error_map.sum(dim=(1, 2, 3)), "anomaly_map": anomaly_map}
 
 
-class DfmTrainer(BaseTrainer):
+class DfmTrainer(FeatureBankTrainer):
     """One pass collects the pooled features of the training images; PCA and the Gaussian are
     fitted at the end of the epoch (no gradients, no optimiser). ``score_type="nll"`` is
     image-level only (no anomaly map, pixel metrics are None)."""
@@ -131,17 +131,9 @@ class DfmTrainer(BaseTrainer):
         model = DfmModel(backbone, layer, pooling_kernel_size, pca_level, score_type, pretrained,
                          input_normalized=train_config.normalize)
         super().__init__(model, train_config, device)
-        self.features: list[torch.Tensor] = []
 
-    def on_train_start(self) -> None:
-        self.features = []
+    def collect(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images).flatten(1)  # (B, C * h * w) per-image vectors
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        with torch.no_grad():
-            self.features.append(self.model.embed(batch["image"]).flatten(1).cpu())
-        return {}
-
-    def on_train_end(self) -> None:
-        features = torch.cat(self.features)
-        self.features = []
+    def fit_features(self, features: torch.Tensor) -> None:
         self.model.fit(features.to(self.device))

@@ -23,7 +23,7 @@ from torch import nn
 from anomalyzoo.models.components.blur import GaussianBlur2d
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.multi_variate_gaussian import MultiVariateGaussian
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
 
 
 def default_num_features(total_channels: int) -> int:
@@ -73,7 +73,7 @@ class PadimModel(nn.Module):
         return {"pred_score": anomaly_map.amax(dim=(-2, -1)), "anomaly_map": anomaly_map}
 
 
-class PadimTrainer(BaseTrainer):
+class PadimTrainer(FeatureBankTrainer):
     """Collects embeddings of the normal images in one pass, then fits the Gaussians."""
 
     def __init__(
@@ -88,18 +88,9 @@ class PadimTrainer(BaseTrainer):
         train_config = as_train_config(train_config)
         model = PadimModel(backbone, layers, n_features, pretrained, train_config.normalize, seed=train_config.seed)
         super().__init__(model, train_config, device)
-        self.embeddings: list[torch.Tensor] = []
 
-    def on_train_start(self) -> None:
-        self.embeddings = []
+    def collect(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images).flatten(2)  # (B, d, h * w)
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        with torch.no_grad():
-            embedding = self.model.embed(batch["image"])
-        self.embeddings.append(embedding.reshape(embedding.shape[0], embedding.shape[1], -1).cpu())
-        return {}
-
-    def on_train_end(self) -> None:
-        embeddings = torch.cat(self.embeddings)
-        self.embeddings = []
-        self.model.gaussian.fit(embeddings.to(self.device))
+    def fit_features(self, features: torch.Tensor) -> None:
+        self.model.gaussian.fit(features.to(self.device))

@@ -27,7 +27,7 @@ from anomalyzoo.models.components.blur import GaussianBlur2d
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.k_center_greedy import k_center_greedy
 from anomalyzoo.models.components.nearest_neighbors import nearest_neighbors
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
 
 
 class PatchcoreModel(nn.Module):
@@ -87,7 +87,7 @@ class PatchcoreModel(nn.Module):
         return weights * max_scores
 
 
-class PatchcoreTrainer(BaseTrainer):
+class PatchcoreTrainer(FeatureBankTrainer):
     """One pass over the training images collects patch features; the coreset is chosen at the
     end of the epoch (no gradients, no optimiser)."""
 
@@ -109,19 +109,11 @@ class PatchcoreTrainer(BaseTrainer):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
-        self.embeddings: list[torch.Tensor] = []
 
-    def on_train_start(self) -> None:
-        self.embeddings = []
+    def collect(self, images: torch.Tensor) -> torch.Tensor:
+        return PatchcoreModel.flatten(self.model.embed(images))  # (B * h * w, D) patch features
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        with torch.no_grad():
-            self.embeddings.append(PatchcoreModel.flatten(self.model.embed(batch["image"])).cpu())
-        return {}
-
-    def on_train_end(self) -> None:
-        features = torch.cat(self.embeddings)
-        self.embeddings = []
+    def fit_features(self, features: torch.Tensor) -> None:
         coreset_size = max(1, int(round(self.coreset_ratio * features.shape[0])))
         indices = k_center_greedy(features, coreset_size, self.projection_dim, seed=self.train_config.seed,
                                   progress=self.train_config.progress)

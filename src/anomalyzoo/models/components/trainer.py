@@ -420,6 +420,38 @@ class BaseTrainer:
         return written
 
 
+class FeatureBankTrainer(BaseTrainer):
+    """Memory-bank and feature-statistics models (PatchCore, PaDiM, DFKDE, DFM): one pass over the
+    normal images collects features without gradients, and the model is fitted on all of them at
+    the end of the epoch. Subclasses say what to collect and how to fit."""
+
+    def __init__(self, model: nn.Module, train_config: TrainConfig | dict[str, Any] | None = None,
+                 device: str | torch.device | None = None) -> None:
+        super().__init__(model, train_config, device)
+        self.collected: list[torch.Tensor] = []
+
+    def collect(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of one training batch (kept on the CPU until the end of the epoch)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement collect")
+
+    def fit_features(self, features: torch.Tensor) -> None:
+        """Fit the model on the features of every training image (concatenated along dim 0)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement fit_features")
+
+    def on_train_start(self) -> None:
+        self.collected = []
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        with torch.no_grad():
+            self.collected.append(self.collect(batch["image"]).cpu())
+        return {}
+
+    def on_train_end(self) -> None:
+        features = torch.cat(self.collected)
+        self.collected = []
+        self.fit_features(features)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
