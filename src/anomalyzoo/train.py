@@ -213,6 +213,10 @@ def train(
     }
     header = {k: result[k] for k in ("dataset", "category", "model", "num_epochs", "fit_seconds", "inference_ms_per_image", "device")}
     header.update(model_config=trainer.model_config, seed=train_config.seed, img_size=train_config.img_size)
+    if predictions.anomaly_maps is None:
+        header["pixel_metrics"] = "n/a: this model scores whole images and makes no anomaly map"
+    elif predictions.masks is None:
+        header["pixel_metrics"] = "n/a: the dataset has no ground-truth masks"
     save_outputs(trainer, predictions, metrics, test_loader, run_dir, name, header, max_maps)
     result = {k: _json_value(v) for k, v in result.items()}
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))

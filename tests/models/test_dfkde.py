@@ -94,6 +94,10 @@ def test_dfkde_end_to_end_on_synthetic_objects(synthetic_dataset_dir, lite0_weig
                    backbone="efficientnet_lite0", img_size=128, max_maps=1)
     assert result["image_auroc"] >= 0.9
     assert result["pixel_auroc"] is None and result["anomaly_maps"] is False  # image-level model
+    from pathlib import Path
+
+    report = next(Path(result["output_dir"]).glob("results_*_thresholds.txt")).read_text()
+    assert "makes no anomaly map" in report
     # the saved model reproduces the evaluation scores, not only their order
     trainer = load_trainer(result["checkpoint"])
     _, test_loader = get_dataloaders("mvtec", "synthetic_object", img_size=128, batch_size=4, dataset_dir=synthetic_dataset_dir)

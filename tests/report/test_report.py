@@ -87,7 +87,7 @@ def test_thresholds_report_lists_header_metrics_and_rows(tmp_path: Path) -> None
     for name, value in metrics.items():
         line = next(line for line in lines if line.startswith(name + " "))
         if value is None:
-            assert line.endswith("n/a (no masks)")
+            assert line.endswith("n/a")
         elif "threshold" not in name:
             assert line.endswith(f"{value:.4f}")
     table_rows = [line for line in lines if line.split() and line.split()[0] in {row.name for row in rows}]

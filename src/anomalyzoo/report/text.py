@@ -14,7 +14,7 @@ import numpy as np
 
 from anomalyzoo.metrics.thresholds import ThresholdRow
 
-MISSING_METRIC = "n/a (no masks)"
+MISSING_METRIC = "n/a"
 
 _TABLE_COLUMNS = ("name", "threshold", "TP", "FP", "TN", "FN", "precision", "recall", "FPR", "F1")
 
@@ -77,7 +77,7 @@ def write_thresholds_report(
     rows: list[ThresholdRow],
     header: Mapping[str, object],
 ) -> Path:
-    """Write the run's header, its metrics (``None`` as ``n/a (no masks)``) and the threshold table.
+    """Write the run's header, its metrics (``None`` as ``n/a``) and the threshold table.
 
     ``header`` is printed in the order given (dataset, category, model, epochs, times, ...);
     the report does not decide what a run must record.
