@@ -13,6 +13,10 @@ def test_list_shows_models_by_family(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "memory:" in out and "patchcore" in out and "epochs=1" in out
+    # the paper's step schedule is shown beside the spec's default, never applied silently
+    efficientad_line = next(line for line in out.splitlines() if line.strip().startswith("efficientad-small"))
+    assert "epochs=20" in efficientad_line
+    assert "paper: num_steps=70000" in out and "--set num_steps=70000" in out
 
 
 def test_unknown_model_is_a_clear_error(capsys):
@@ -36,6 +40,31 @@ def test_train_then_predict(synthetic_dataset_dir, tmp_path, capsys):
     assert [r["path"] for r in rows] == list(map(str, images))
     assert all(r["verdict"] in ("normal", "anomalous") for r in rows)
     assert (tmp_path / "pred" / f"{images[0].stem}_anomaly_map.png").is_file()
+
+    # the default threshold is the label-free one stored at training; 0.5 is that threshold
+    # on the normalised scale; "f1" and a number are used as asked
+    from anomalyzoo.predict import load_trainer
+
+    trainer = load_trainer(checkpoint)
+    statistics = trainer.normal_statistics
+    assert trainer.threshold_source == "normal_val_p99" and trainer.threshold == statistics.image_threshold
+    for row in rows:
+        assert row["threshold_name"] == "normal_val_p99"
+        assert float(row["threshold"]) == pytest.approx(statistics.image_threshold)
+        assert (row["verdict"] == "anomalous") == (float(row["score"]) >= statistics.image_threshold)
+        assert (float(row["normalized_score"]) >= 0.5) == (float(row["score"]) >= statistics.image_threshold)
+    assert main(["predict", "--checkpoint", str(checkpoint), *map(str, images), "--output-dir", str(tmp_path / "pred_f1"),
+                 "--threshold", "f1"]) == 0
+    with open(tmp_path / "pred_f1" / "scores.csv") as handle:
+        f1_rows = list(csv.DictReader(handle))
+    assert {r["threshold_name"] for r in f1_rows} == {"f1_optimal"}
+    assert float(f1_rows[0]["threshold"]) == pytest.approx(trainer.thresholds["f1_optimal"])
+    assert main(["predict", "--checkpoint", str(checkpoint), str(images[0]), "--output-dir", str(tmp_path / "pred_value"),
+                 "--threshold=-1e9"]) == 0
+    with open(tmp_path / "pred_value" / "scores.csv") as handle:
+        assert next(csv.DictReader(handle))["verdict"] == "anomalous"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(images[0]), "--threshold", "best"]) == 2
+    assert "threshold must be 'normal', 'f1' or a number" in capsys.readouterr().err
 
 
 def test_demo_runs_offline_with_the_default_settings(tmp_path, lite0_weights, capsys):

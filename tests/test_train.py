@@ -54,7 +54,8 @@ def test_unknown_model_fails_before_any_work(tmp_path):
 def test_train_models_goes_on_past_a_failure_and_writes_a_summary(synthetic_dataset_dir, tmp_path):
     rows = train_models("mvtec", ["synthetic_texture", "no_such_category"], ["padim"], output_dir=tmp_path,
                         dataset_dir=synthetic_dataset_dir, **FAST)
-    assert rows[0]["image_auroc"] is not None and "error" not in rows[0]
+    assert "error" not in rows[0]
+    assert rows[0]["image_auroc"] >= 0.95 and rows[0]["pixel_auroc"] >= 0.9  # measured 1.0 / 0.98 (random resnet18)
     assert "no_such_category" in rows[1]["error"]
     summaries = sorted(tmp_path.glob("summary_mvtec*.md"))
     assert summaries and "no_such_category" in summaries[0].read_text()

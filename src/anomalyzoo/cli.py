@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+")
     predict.add_argument("--output-dir", default="predictions")
     predict.add_argument("--device")
+    predict.add_argument("--threshold", default="normal",
+                         help="'normal' (label-free, from held-out normal training images; default), "
+                              "'f1' (F1-optimal on the training run's test set) or a number")
 
     distill = commands.add_parser("distill-teacher", help="make EfficientAD's PDN teacher by distilling a pretrained backbone")
     distill.add_argument("--images", required=True, nargs="+", help="folder(s) of images to distil on (searched recursively)")
@@ -110,6 +113,11 @@ def command_list() -> int:
             train = ModelRegistry.get_train_config(name)
             print(f"  {name:<28} {model}  | epochs={train['num_epochs']} batch={train['batch_size']} "
                   f"img={train['img_size']} normalize={train['normalize']}")
+            paper = ModelRegistry.get(name).paper_schedule
+            if paper:
+                values = " ".join(f"{k}={v}" for k, v in paper.items())
+                flags = " ".join(f"--set {k}={v}" for k, v in paper.items())
+                print(f"  {'':<28} paper: {values}  (reproduce with {flags})")
     return 0
 
 
@@ -124,7 +132,7 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_predict(args: argparse.Namespace) -> int:
     from anomalyzoo.predict import predict_images
 
-    rows = predict_images(args.checkpoint, args.images, args.output_dir, device=args.device)
+    rows = predict_images(args.checkpoint, args.images, args.output_dir, device=args.device, threshold=args.threshold)
     for row in rows:
         print(f"{row['score']:.4f}  {row['verdict'] or '-':<10} {row['path']}")
     print(f"Scores and anomaly maps written to {args.output_dir}")

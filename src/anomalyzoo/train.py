@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomalyzoo.data import get_dataloaders
+from anomalyzoo.data import get_dataloaders, split_validation
 from anomalyzoo.data.transforms import denormalize
-from anomalyzoo.metrics import compute_metrics
+from anomalyzoo.metrics import compute_metrics, evaluate_threshold
 from anomalyzoo.models.components.trainer import TRAIN_KEYS, BaseTrainer, Predictions, TrainConfig
 from anomalyzoo.registry import ModelRegistry
 from anomalyzoo.settings import get_settings
@@ -137,6 +137,16 @@ def save_outputs(trainer: BaseTrainer, predictions: Predictions, metrics: dict[s
     trainer.save_maps(run_dir, f"image_{name}", predictions, full, max_per_class=max_maps)
 
 
+def normal_threshold_results(trainer: BaseTrainer, predictions: Predictions) -> dict[str, Any]:
+    """The label-free threshold and what it does on the test set (None without a validation split)."""
+    statistics = trainer.normal_statistics
+    if statistics is None:
+        return {"normal_threshold": None, "normal_threshold_fpr": None, "normal_threshold_recall": None}
+    row = evaluate_threshold(predictions.labels, predictions.scores, statistics.image_threshold, statistics.threshold_name)
+    return {"normal_threshold": statistics.image_threshold, "normal_threshold_fpr": row.fpr,
+            "normal_threshold_recall": row.recall, "normal_statistics": statistics.as_dict()}
+
+
 def train(
     dataset_type: str,
     category: str,
@@ -174,20 +184,31 @@ def train(
         dataset_type, category, img_size=train_config.img_size, batch_size=train_config.batch_size,
         normalize=train_config.normalize, dataset_dir=dataset_dir, seed=train_config.seed,
     )
+    # validation = a seeded share of the *normal training* images; the test split is only read
+    # by the final evaluation below
+    train_loader, val_loader = split_validation(train_loader, train_config.val_fraction, train_config.seed)
+    num_val_images = len(val_loader.dataset) if val_loader is not None else 0
+    print(f"{model_type}: {len(train_loader.dataset)} training images, {num_val_images} held out for validation "
+          f"(val_fraction={train_config.val_fraction})")
     trainer = ModelRegistry.get_trainer(model_type, model_overrides, train_config, device)
+    trainer.dataset_dir = Path(dataset_dir if dataset_dir is not None else settings.dataset_dir).expanduser()
     checkpoint_dir = run_dir / "checkpoints" if trainer.optimizer is not None else None
     if resume:
         trainer.load_model(run_dir / "checkpoints" / "last.pth", restore_rng=True)
         print(f"Resuming {model_type} from epoch {trainer.epoch} in {run_dir}")
 
     start = time.perf_counter()
-    trainer.fit(train_loader, test_loader, checkpoint_dir=checkpoint_dir)
+    trainer.fit(train_loader, val_loader, checkpoint_dir=checkpoint_dir)
+    if val_loader is not None:
+        trainer.calibrate(val_loader)  # label-free threshold and score normalisation
     fit_seconds = time.perf_counter() - start
 
     predictions = trainer.validation_epoch(test_loader)
     metrics = compute_metrics(predictions.labels, predictions.scores, predictions.masks, predictions.anomaly_maps)
-    trainer.threshold = metrics.get("image_f1_threshold")
-    if predictions.anomaly_maps is not None:
+    trainer.thresholds["f1_optimal"] = metrics["image_f1_threshold"]
+    if trainer.threshold is None:  # no validation split: the only threshold left needs the test labels
+        trainer.threshold, trainer.threshold_source = metrics["image_f1_threshold"], "f1_optimal"
+    if trainer.map_range is None and predictions.anomaly_maps is not None:
         trainer.map_range = (float(predictions.anomaly_maps.min()), float(predictions.anomaly_maps.max()))
     checkpoint = trainer.save_model(run_dir / f"model_{name}_epochs-{trainer.epoch}.pth")
 
@@ -195,15 +216,20 @@ def train(
         "dataset": dataset_type, "category": category, "model": model_type,
         **{key: metrics.get(key) for key in RESULT_METRIC_KEYS},
         "threshold": trainer.threshold,
+        "threshold_source": trainer.threshold_source,
+        **normal_threshold_results(trainer, predictions),
         "image_f1_threshold": metrics.get("image_f1_threshold"),
         "pixel_f1_threshold": metrics.get("pixel_f1_threshold"),
         "anomaly_maps": predictions.anomaly_maps is not None,
         "num_epochs": trainer.epoch,
+        "num_steps": trainer.global_step,
+        "notes": trainer.run_notes(),
         "fit_seconds": fit_seconds,
         "inference_ms_per_image": predictions.ms_per_image,
         "peak_memory_mb": peak_rss_mb(),
         "gpu_peak_memory_mb": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if trainer.device.type == "cuda" else None,
         "num_train_images": len(train_loader.dataset),
+        "num_val_images": num_val_images,
         "num_test_images": len(test_loader.dataset),
         "model_config": trainer.model_config,
         "train_config": {k: getattr(train_config, k) for k in TRAIN_KEYS},
@@ -212,7 +238,11 @@ def train(
         "checkpoint": str(checkpoint),
     }
     header = {k: result[k] for k in ("dataset", "category", "model", "num_epochs", "fit_seconds", "inference_ms_per_image", "device")}
-    header.update(model_config=trainer.model_config, seed=train_config.seed, img_size=train_config.img_size)
+    header.update(model_config=trainer.model_config, seed=train_config.seed, img_size=train_config.img_size,
+                  num_train_images=len(train_loader.dataset),
+                  validation=f"{num_val_images} normal training images held out (val_fraction={train_config.val_fraction}, "
+                             f"seed {train_config.seed}); the test split is used only for this evaluation")
+    header.update(trainer.run_notes())
     if predictions.anomaly_maps is None:
         header["pixel_metrics"] = "n/a: this model scores whole images and makes no anomaly map"
     elif predictions.masks is None:

@@ -92,3 +92,46 @@ def test_lite0_imagenet_weights_label_real_bottles_as_bottles(bottle_dataset_dir
     bottle_mass = pretrained[:, wanted].sum(1).mean().item()
     assert bottle_mass > 0.1, bottle_mass
     assert bottle_mass > 5 * random[:, wanted].sum(1).mean().item()
+
+
+def test_resnets_use_the_torchvision_weights_the_papers_used(tmp_path, monkeypatch):
+    """timm's default resnet tags are other trainings: the hub is asked for `.tv_in1k`, and that
+    layout (`<name>.tv_in1k/model.safetensors`) is read from BACKBONE_DIR too."""
+    from safetensors.torch import save_file
+
+    from anomalyzoo.models.components.backbone import backbone_file_candidates, hub_model_name
+
+    assert hub_model_name("resnet18") == "resnet18.tv_in1k"
+    assert hub_model_name("resnet50") == "resnet50.tv_in1k"
+    assert hub_model_name("wide_resnet50_2") == "wide_resnet50_2.tv_in1k"
+    assert hub_model_name("efficientnet_lite0") == "tf_efficientnet_lite0"
+    set_globals(backbone_dir=tmp_path)
+    assert backbone_file_candidates("resnet18") == [tmp_path / "resnet18.pth", tmp_path / "resnet18.tv_in1k" / "model.safetensors"]
+
+    reference = create_backbone("resnet18", pretrained=False)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    (tmp_path / "resnet18.tv_in1k").mkdir()
+    save_file(state, str(tmp_path / "resnet18.tv_in1k" / "model.safetensors"))
+    assert get_backbone_path("resnet18") == tmp_path / "resnet18.tv_in1k" / "model.safetensors"
+    loaded = create_backbone("resnet18")
+    for key, value in loaded.state_dict().items():  # every tensor mapped
+        assert torch.equal(value, state[key]), key
+
+    # online: the hub is asked for the tagged weights
+    requested = []
+
+    def fake_create_model(name, pretrained=False, **kwargs):
+        if pretrained:
+            requested.append(name)
+            raise RuntimeError("offline")
+        return real_create_model(name, pretrained=False, **kwargs)
+
+    import timm
+
+    real_create_model = timm.create_model
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    set_globals(backbone_dir=tmp_path / "empty")
+    with pytest.raises(BackboneWeightsNotFound, match="resnet50.tv_in1k"):
+        create_backbone("resnet50")
+    assert requested == ["resnet50.tv_in1k"]

@@ -105,7 +105,7 @@ def test_dfkde_end_to_end_on_synthetic_objects(synthetic_dataset_dir, lite0_weig
     assert predictions.anomaly_maps is None
     metrics = compute_metrics(predictions.labels, predictions.scores, predictions.masks, None)
     assert metrics["image_auroc"] == pytest.approx(result["image_auroc"], abs=1e-9)
-    assert metrics["image_f1_threshold"] == pytest.approx(result["threshold"], rel=1e-5)
+    assert metrics["image_f1_threshold"] == pytest.approx(result["image_f1_threshold"], rel=1e-5)
     assert trainer.model.kde.dataset.shape == (result["num_train_images"], 16)
 
 

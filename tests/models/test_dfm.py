@@ -129,8 +129,10 @@ def test_dfm_end_to_end_on_synthetic_textures(score_type, synthetic_dataset_dir,
     predictions = trainer.validation_epoch(test_loader)
     metrics = compute_metrics(predictions.labels, predictions.scores, predictions.masks, predictions.anomaly_maps)
     assert metrics["image_auroc"] == pytest.approx(result["image_auroc"], abs=1e-9)
-    assert metrics["image_f1_threshold"] == pytest.approx(result["threshold"], rel=1e-5)
+    assert metrics["image_f1_threshold"] == pytest.approx(result["image_f1_threshold"], rel=1e-5)
     if score_type == "fre":
-        assert (float(predictions.anomaly_maps.min()), float(predictions.anomaly_maps.max())) == pytest.approx(trainer.map_range, rel=1e-5)
+        # the heat-map colour range is fixed at training from the held-out normals, not from the test maps
+        assert trainer.map_range == pytest.approx(trainer.normal_statistics.map_display_range(), rel=1e-9)
+        assert predictions.anomaly_maps.max() > trainer.normal_statistics.pixel_threshold
     else:
         assert predictions.anomaly_maps is None

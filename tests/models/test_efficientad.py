@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -151,20 +153,39 @@ def test_distilled_teacher_is_what_the_trainer_loads(teacher_dir, synthetic_data
             path.with_name("pretrained_teacher_medium.pth").unlink()
 
 
+def make_imagenette(root, count: int = 3) -> None:
+    from PIL import Image
+
+    folder = root / "imagenette2" / "train" / "n01440764"
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.fromarray(np.full((40, 50, 3), 60 * index + 30, dtype=np.uint8)).save(folder / f"img{index}.JPEG")
+
+
 def test_efficientad_end_to_end_on_synthetic_data(teacher_dir, synthetic_dataset_dir, tmp_path):
-    """One epoch at 64 px (24 train images: 2 held out for the map quantiles)."""
-    set_globals(backbone_dir=teacher_dir)
-    result = train("mvtec", "synthetic_texture", "efficientad-small", num_epochs=1, batch_size=4, img_size=64,
-                   dataset_dir=synthetic_dataset_dir, output_dir=tmp_path, progress=False, max_maps=1)
+    """One epoch at 64 px, batch 1 (24 train images: 2 held out for validation and the map
+    quantiles). Imagenette sits in the run's dataset_dir, not in the global setting: the
+    penalty must follow the run's folder."""
+    set_globals(backbone_dir=teacher_dir, dataset_dir=tmp_path / "global_datasets_without_imagenette")
+    run_datasets = tmp_path / "run_datasets"
+    run_datasets.mkdir()
+    (run_datasets / "mvtec").symlink_to(synthetic_dataset_dir / "mvtec")
+    make_imagenette(run_datasets)
+    result = train("mvtec", "synthetic_texture", "efficientad-small", num_epochs=1, img_size=64,
+                   dataset_dir=run_datasets, output_dir=tmp_path, progress=False, max_maps=1)
     print({k: result[k] for k in ("image_auroc", "pixel_auroc", "fit_seconds")})
     assert result["image_auroc"] >= 0.9
-    assert result["pixel_auroc"] is not None
+    assert result["pixel_auroc"] >= 0.8
+    assert result["num_val_images"] == 2 and result["num_train_images"] == 22
+    assert result["notes"]["imagenet_penalty"].startswith("on: 3 images from " + str(run_datasets))
+    report = next(Path(result["output_dir"]).glob("results_*_thresholds.txt")).read_text()
+    assert "imagenet_penalty" in report and "on: 3 images" in report
 
     set_globals(backbone_dir=tmp_path / "no_backbones")  # the checkpoint carries the teacher
     trainer = load_trainer(result["checkpoint"], device="cpu")
     q_st_start, q_st_end, q_ae_start, q_ae_end = trainer.model.quantiles.tolist()
     assert q_st_end > q_st_start and q_ae_end > q_ae_start
-    assert trainer.global_step == 6  # ceil(22 / 4) steps
+    assert trainer.global_step == 22  # one step per image
     from anomalyzoo.data import get_dataloaders
     from anomalyzoo.metrics import auroc
 
@@ -175,6 +196,109 @@ def test_efficientad_end_to_end_on_synthetic_data(teacher_dir, synthetic_dataset
     assert auroc(first.labels, first.scores) == pytest.approx(result["image_auroc"], abs=1e-6)
     np.testing.assert_allclose(first.scores, second.scores, rtol=1e-5)
     np.testing.assert_allclose(first.anomaly_maps, second.anomaly_maps, rtol=1e-4, atol=1e-6)
+
+
+def test_without_imagenette_the_run_says_the_penalty_is_off(teacher_dir, synthetic_dataset_dir, tmp_path, capsys):
+    set_globals(backbone_dir=teacher_dir)
+    result = train("mvtec", "synthetic_texture", "efficientad-small", num_steps=3, img_size=64,
+                   dataset_dir=synthetic_dataset_dir, output_dir=tmp_path, progress=False, max_maps=0)
+    note = result["notes"]["imagenet_penalty"]
+    assert note.startswith("off: no images under " + str(synthetic_dataset_dir / "imagenette2" / "train"))
+    assert capsys.readouterr().out.count("ImageNet penalty off") == 1  # said once, at the start
+    assert "imagenet_penalty" in next(Path(result["output_dir"]).glob("results_*_thresholds.txt")).read_text()
+    # num_steps defines the stop (3 steps, inside the first epoch of 22 images)
+    assert result["num_steps"] == 3 and result["num_epochs"] == 1
+
+
+def test_batch_sizes_other_than_one_are_refused():
+    with pytest.raises(ValueError, match="batch_size must be 1"):
+        EfficientAdTrainer(pretrained=False, device="cpu", train_config={"batch_size": 4})
+
+
+def test_num_steps_defines_the_schedule():
+    trainer = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"batch_size": 1, "num_steps": 1000})
+    loader = torch.utils.data.DataLoader(list(range(30)), batch_size=1)
+    assert trainer.planned_steps(loader) == 1000 and trainer.planned_epochs(loader) == 34  # ceil(1000 / 30)
+    trainer.total_steps = trainer.planned_steps(loader)
+    trainer.global_step = 949
+    assert trainer.current_lr() == pytest.approx(1e-4)
+    trainer.global_step = 950  # 95 % of num_steps, not of the epochs' steps
+    assert trainer.current_lr() == pytest.approx(1e-5)
+    plain = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"batch_size": 1, "num_epochs": 20})
+    assert plain.planned_steps(loader) == 600  # the spec's default: 20 epochs
+
+
+def test_penalty_term_is_present_nonzero_and_trains_the_student(tmp_path):
+    trainer = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"img_size": 64, "normalize": False})
+    images = {"image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    penalty_images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    losses = trainer.training_loss(images, penalty_images)
+    assert losses["loss_penalty"].item() > 0
+    assert losses["loss_penalty"].requires_grad
+    trainer.model.zero_grad()
+    losses["loss_penalty"].backward()
+    student_grads = [p.grad for p in trainer.model.student.parameters()]
+    assert all(g is not None for g in student_grads) and sum(float(g.abs().sum()) for g in student_grads) > 0
+    assert all(p.grad is None for p in trainer.model.autoencoder.parameters())  # the penalty is the student's alone
+    # it is mean(S(P)[:384]^2) on the penalty image
+    with torch.no_grad():
+        expected = (trainer.model.student(penalty_images)[:, :384] ** 2).mean()
+    assert losses["loss_penalty"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_loss_terms_compose_as_in_algorithm_1():
+    """L = L_ST + L_AE + L_STAE with L_ST = L_hard + L_penalty, each term as the paper defines it."""
+    trainer = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"img_size": 64, "normalize": False})
+    model = trainer.model
+    model.teacher_mean.normal_(0, 0.1)
+    model.teacher_std.uniform_(0.5, 2.0)
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    penalty_images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    model.eval()  # no dropout, so the terms can be recomputed
+    torch.manual_seed(7)
+    losses = trainer.training_loss({"image": images}, penalty_images)
+    torch.manual_seed(7)
+    augmented = color_jitter(images)  # the same jitter draw
+    with torch.no_grad():
+        teacher = (model.teacher(images) - model.teacher_mean) / model.teacher_std
+        student = model.student(images)
+        distance = (teacher - student[:, :384]) ** 2
+        hard = distance[distance >= torch.quantile(distance.flatten(), 0.999)].mean()
+        penalty = (model.student(penalty_images)[:, :384] ** 2).mean()
+        teacher_augmented = (model.teacher(augmented) - model.teacher_mean) / model.teacher_std
+        autoencoder = model.autoencoder(augmented, teacher_augmented.shape[-2:])
+        ae = ((teacher_augmented - autoencoder) ** 2).mean()
+        stae = ((autoencoder - model.student(augmented)[:, 384:]) ** 2).mean()
+    for name, value in (("loss_hard", hard), ("loss_penalty", penalty), ("loss_ae", ae), ("loss_stae", stae)):
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-4), name
+    assert losses["loss_st"].item() == pytest.approx((hard + penalty).item(), rel=1e-4)
+    assert losses["loss"].item() == pytest.approx((hard + penalty + ae + stae).item(), rel=1e-4)
+
+
+def test_teacher_statistics_and_map_quantiles_match_direct_computations():
+    from anomalyzoo.models.efficientad import map_quantiles, teacher_channel_statistics
+
+    model = EfficientAdModel("small", pretrained=False).eval()
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    loader = torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=1)
+    mean, std = teacher_channel_statistics(model, loader, torch.device("cpu"))
+    with torch.no_grad():
+        outputs = model.teacher(images).double()  # (3, 384, h, w)
+    # reference teacher_normalization: channel mean over all images and positions; std = sqrt of the
+    # mean over images of the per-image mean squared deviation
+    expected_mean = outputs.mean(dim=(0, 2, 3))
+    expected_std = torch.stack([((o - expected_mean[:, None, None]) ** 2).mean(dim=(1, 2)) for o in outputs]).mean(0).sqrt()
+    assert torch.allclose(mean.flatten().double(), expected_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(std.flatten().double(), expected_std, rtol=1e-4, atol=1e-6)
+
+    model.teacher_mean.copy_(mean)
+    model.teacher_std.copy_(std)
+    values = map_quantiles(model, loader, torch.device("cpu"))
+    with torch.no_grad():
+        local_map, global_map = model.raw_maps(images)
+    expected = [torch.quantile(local_map.flatten(), 0.9), torch.quantile(local_map.flatten(), 0.995),
+                torch.quantile(global_map.flatten(), 0.9), torch.quantile(global_map.flatten(), 0.995)]
+    assert torch.allclose(values, torch.stack(expected), rtol=1e-5)
 
 
 def test_learning_rate_drops_tenfold_after_95_percent_of_the_steps():
@@ -190,24 +314,33 @@ def test_learning_rate_drops_tenfold_after_95_percent_of_the_steps():
     assert trained == {id(p) for p in [*trainer.model.student.parameters(), *trainer.model.autoencoder.parameters()]}
 
 
-def test_imagenet_penalty_images_are_used_when_imagenette_exists(tmp_path):
+def test_penalty_images_come_from_the_runs_dataset_folder_centre_cropped(tmp_path):
+    make_imagenette(tmp_path)
+    set_globals(dataset_dir=tmp_path / "elsewhere")
+    trainer = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"img_size": 64, "normalize": False})
+    trainer.dataset_dir = tmp_path  # what train(..., dataset_dir=...) sets
+    penalty = next(trainer.penalty_images())
+    assert penalty.shape == (1, 3, 64, 64)  # resized to 128, cropped back to 64
+    assert 0.0 <= float(penalty.min()) and float(penalty.max()) <= 1.0
+    assert trainer.penalty_note.startswith("on: 3 images")
+    # a centre crop (reference penalty_transform): the middle 64x64 of the 128x128 resize
+    from anomalyzoo.data.transforms import image_to_tensor, load_rgb_image
+    from anomalyzoo.models.efficientad import PenaltyImages
+
+    files = sorted((tmp_path / "imagenette2" / "train").rglob("*.JPEG"))
+    patterned = tmp_path / "pattern.png"
     from PIL import Image
 
-    folder = tmp_path / "imagenette2" / "train" / "n01440764"
-    folder.mkdir(parents=True)
-    for index in range(3):
-        Image.fromarray(np.full((40, 50, 3), 60 * index, dtype=np.uint8)).save(folder / f"img{index}.JPEG")
-    set_globals(dataset_dir=tmp_path)
-    trainer = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"img_size": 64, "normalize": False})
-    trainer.train_loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2)
-    penalty = next(trainer.penalty_images())
-    assert penalty.shape == (2, 3, 64, 64)  # resized to 128, cropped back to 64
-    assert 0.0 <= float(penalty.min()) and float(penalty.max()) <= 1.0
-    trainer.penalty_iterator = trainer.penalty_images()
-    logs = trainer.train_step({"image": torch.rand(2, 3, 64, 64)})
-    assert np.isfinite(logs["loss"]) and logs["loss_st"] > 0
-    set_globals(dataset_dir=tmp_path / "elsewhere")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(patterned)
+    torch.manual_seed(0)
+    crops = [PenaltyImages([patterned], 64)[0] for _ in range(10)]
+    full = image_to_tensor(load_rgb_image(patterned), 128, normalize=False)
+    colour_crops = [c for c in crops if not torch.equal(c[0], c[1])]  # those not made grayscale
+    assert colour_crops and all(torch.equal(c, full[:, 32:96, 32:96]) for c in colour_crops)
+    assert len(files) == 3
+    trainer.dataset_dir = tmp_path / "no_imagenette"
     assert trainer.penalty_images() is None  # no Imagenette: no penalty, as the paper's ablation
+    assert trainer.penalty_note.startswith("off:")
 
 
 def test_distillation_projection_matrix_equals_the_two_channel_poolings():

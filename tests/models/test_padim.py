@@ -35,3 +35,29 @@ def test_padim_end_to_end_on_synthetic_data(synthetic_dataset_dir, lite0_weights
     assert result["pixel_auroc"] >= 0.9
     trainer = load_trainer(result["checkpoint"])
     assert trainer.model.gaussian.inv_covariance.shape[0] == (128 // 4) ** 2
+
+
+def test_map_is_the_bilinear_upsampled_distance_grid_blurred_with_sigma_4(monkeypatch):
+    """Post-processing against a direct computation: bilinear (align_corners=False) upsampling of
+    the per-position Mahalanobis grid, then a Gaussian of sigma 4 truncated at 4 sigma with
+    whole-sample reflection at the borders (scipy 'mirror', anomalib's 'reflect'); score = max."""
+    import numpy as np
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    model = PadimModel("resnet18", ["layer1", "layer2"], n_features=10, pretrained=False).eval()
+    model.gaussian.mean = torch.zeros(10, 16 * 16)  # fitted: forward may run
+    grid = torch.zeros(1, 16 * 16)
+    grid[0, 5 * 16 + 9] = 10.0  # one hot position on the 16x16 layer1 grid of a 64 px image
+    grid[0, 0] = 4.0  # one at the corner, where the border rule matters
+    monkeypatch.setattr(model.gaussian, "mahalanobis", lambda embedding: grid.expand(embedding.shape[0], -1))
+    with torch.no_grad():
+        output = model(torch.zeros(2, 3, 64, 64))
+    upsampled = F.interpolate(grid.reshape(1, 1, 16, 16), size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+    nearest = F.interpolate(grid.reshape(1, 1, 16, 16), size=(64, 64), mode="nearest")[0, 0]
+    expected = gaussian_filter(upsampled.numpy().astype(np.float64), sigma=4, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(output["anomaly_map"][0].numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(output["pred_score"].numpy(), [expected.max()] * 2, rtol=1e-5)
+    wrong = gaussian_filter(nearest.numpy().astype(np.float64), sigma=4, mode="mirror", truncate=4.0)
+    assert np.abs(wrong - expected).max() > 1e-2  # the test tells bilinear from nearest
+    assert np.abs(gaussian_filter(upsampled.numpy(), sigma=2, mode="mirror") - expected).max() > 1e-2  # and sigma 4 from 2

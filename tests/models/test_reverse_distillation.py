@@ -51,25 +51,28 @@ def test_wide_resnet_layout_follows_the_paper():
     assert isinstance(first.conv2, torch.nn.ConvTranspose2d) and first.conv2.stride == (2, 2)
 
 
-def test_loss_is_zero_for_identical_features_and_matches_equation_2():
+def test_loss_is_zero_for_identical_features_and_is_the_authors_flattened_cosine():
     generator = torch.Generator().manual_seed(0)
     teacher = [torch.randn(2, 5, 4, 4, generator=generator), torch.randn(2, 7, 2, 2, generator=generator)]
     assert distillation_loss(teacher, [t.clone() for t in teacher]).item() == pytest.approx(0.0, abs=1e-6)
     # scaling does not change a cosine
     assert distillation_loss(teacher, [3.0 * t for t in teacher]).item() == pytest.approx(0.0, abs=1e-6)
-
     student = [torch.randn(2, 5, 4, 4, generator=generator), torch.randn(2, 7, 2, 2, generator=generator)]
+    # RD4AD loss_fucntion: per scale, mean over images of 1 - cos(vec(f_E), vec(f_D)), one cosine per image
     expected = 0.0
     for t, s in zip(teacher, student):
-        batch, _, height, width = t.shape
-        total = 0.0
-        for b in range(batch):
-            for h in range(height):
-                for w in range(width):
-                    u, v = t[b, :, h, w], s[b, :, h, w]
-                    total += 1.0 - float(u @ v) / float(u.norm() * v.norm())
-        expected += total / (batch * height * width)
+        per_image = []
+        for b in range(t.shape[0]):
+            u, v = t[b].reshape(-1).double(), s[b].reshape(-1).double()
+            per_image.append(1.0 - float(u @ v) / float(u.norm() * v.norm()))
+        expected += sum(per_image) / len(per_image)
     assert distillation_loss(teacher, student).item() == pytest.approx(expected, rel=1e-5)
+    # and not the per-position form of eq. 2 as printed: two positions, one matched in direction with
+    # a large norm, one orthogonal. Per position: mean(1 - 1, 1 - 0) = 0.5; flattened, the large
+    # matched position dominates: 1 - 10 / (sqrt(2) sqrt(101)) = 0.2964
+    encoder = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2 channels, 1, 2 positions)
+    decoder = torch.tensor([[[[10.0, 1.0]], [[0.0, 0.0]]]])
+    assert distillation_loss([encoder], [decoder]).item() == pytest.approx(1 - 10 / (2 ** 0.5 * 101 ** 0.5), rel=1e-5)
 
 
 def test_anomaly_map_sums_or_multiplies_the_upsampled_cosine_distances():

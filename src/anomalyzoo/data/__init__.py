@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from anomalyzoo.data.base import AnomalyDataset, DatasetError, Sample
 from anomalyzoo.data.btad import btad_samples
@@ -33,6 +33,7 @@ __all__ = [
     "get_dataloaders",
     "get_datasets",
     "split_custom_category",
+    "split_validation",
 ]
 
 
@@ -130,3 +131,43 @@ def get_dataloaders(
     )
     test_loader = DataLoader(test_set, batch_size=test_batch_size or batch_size, shuffle=False, drop_last=False, **options)
     return train_loader, test_loader
+
+
+class DatasetSplit(Subset):
+    """A seeded part of a dataset that still answers ``has_masks`` like the whole."""
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(getattr(self.dataset, "has_masks", True))
+
+
+def validation_count(num_images: int, val_fraction: float) -> int:
+    """How many of ``num_images`` training images ``val_fraction`` holds out (at least one, and at
+    least one left to train on); 0 for ``val_fraction == 0``."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        return 0
+    if num_images < 2:
+        raise DatasetError(f"val_fraction={val_fraction} needs at least 2 training images, got {num_images}; "
+                           "add normal images or set val_fraction=0")
+    return min(num_images - 1, max(1, round(val_fraction * num_images)))
+
+
+def split_validation(train_loader: DataLoader, val_fraction: float, seed: int) -> tuple[DataLoader, DataLoader | None]:
+    """(train, validation) loaders: a seeded ``val_fraction`` of the normal training images is held
+    out (validation loader ``None`` for 0). The test split is not involved: validation, early
+    stopping and the label-free threshold see only these held-out normals."""
+    dataset: Dataset = train_loader.dataset
+    held_out = validation_count(len(dataset), val_fraction)
+    if held_out == 0:
+        return train_loader, None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed))).tolist()
+    options = {"num_workers": train_loader.num_workers, "pin_memory": train_loader.pin_memory,
+               "persistent_workers": train_loader.persistent_workers}
+    train_part = DatasetSplit(dataset, sorted(order[held_out:]))
+    validation_part = DatasetSplit(dataset, sorted(order[:held_out]))
+    new_train_loader = DataLoader(train_part, batch_size=train_loader.batch_size, shuffle=True, drop_last=False,
+                                  generator=torch.Generator().manual_seed(int(seed)), **options)
+    validation_loader = DataLoader(validation_part, batch_size=train_loader.batch_size, shuffle=False, **options)
+    return new_train_loader, validation_loader

@@ -58,15 +58,19 @@ def evaluate_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
     )
 
 
-def threshold_analysis(labels: np.ndarray, scores: np.ndarray) -> list[ThresholdRow]:
-    """Evaluate the four candidate thresholds, in this order.
+def threshold_analysis(labels: np.ndarray, scores: np.ndarray, extra: dict[str, float] | None = None) -> list[ThresholdRow]:
+    """Evaluate the four candidate thresholds, in this order, then any ``extra`` ones.
 
     - ``f1_optimal``: the score that maximises F1 on these labels.
     - ``normal_p95`` / ``normal_p99``: the 95th / 99th percentile of the normal scores (linear
       interpolation), i.e. about 5% / 1% of normals flagged.
     - ``zero_miss``: the lowest anomalous score, the largest threshold that misses no defect.
+    - ``extra``: thresholds fixed beforehand, e.g. the label-free ``normal_val_p99`` that a
+      trainer chose on held-out normal training images, applied to these labels as they are.
 
-    Needs both classes: the percentiles are taken over normal scores, the others over anomalous.
+    The first four are chosen *on these labels* (they show what was possible); only the extra
+    ones are honest estimates of deployed behaviour. Needs both classes: the percentiles are
+    taken over normal scores, the others over anomalous.
     """
     labels, scores = as_binary_inputs(labels, scores)
     normal_scores = scores[~labels]
@@ -82,4 +86,5 @@ def threshold_analysis(labels: np.ndarray, scores: np.ndarray) -> list[Threshold
         "normal_p99": float(np.percentile(normal_scores, 99)),
         "zero_miss": float(anomalous_scores.min()),
     }
+    candidates.update({name: float(value) for name, value in (extra or {}).items() if name not in candidates})
     return [evaluate_threshold(labels, scores, threshold, name) for name, threshold in candidates.items()]

@@ -19,16 +19,22 @@
 - Training (Algorithm 1): teacher outputs normalised per channel with mean/std over the training
   images; hard-feature loss (sec. 3.2): squared student-teacher differences, mean over those
   >= their 0.999 quantile; plus the ImageNet penalty mean(S(P)^2) on a random ImageNet
-  (Imagenette) image P resized to 2x, random grayscale p = 0.3 and a random crop back to the input
-  size, when ``DATASET_DIR/imagenette2/train`` exists. The autoencoder regresses the normalised
+  (Imagenette) image P resized to 2x, random grayscale p = 0.3 and a centre crop back to the input
+  size (the reference's ``penalty_transform``: Resize(2s), RandomGrayscale(0.3), CenterCrop(s)),
+  when ``<run's DATASET_DIR>/imagenette2/train`` exists; without it training goes on without the
+  penalty (the paper's ablation), says so once and records it in the results. The autoencoder regresses the normalised
   teacher on an augmented image (appendix: one of brightness/contrast/saturation jitter, factor in
   [0.8, 1.2]); the student's second half regresses the autoencoder on the same image. Adam,
   lr 1e-4, weight decay 1e-5 on student + autoencoder; lr x 0.1 after 95 % of the steps (66,500 of
-  70,000 in the paper).
+  70,000 in the paper). The spec's default is 20 epochs; ``num_steps=70000`` (a training option)
+  reproduces the paper's schedule: it then defines both the stop and the lr drop.
+- Batch size 1 (Algorithm 1 and the reference ``DataLoader(batch_size=1)``): the hard-feature
+  quantile is taken over one image's differences, so a larger batch would change the loss, not
+  just its speed. Other batch sizes are refused.
 - Anomaly maps (Algorithm 1): local map = mean over channels of (T_norm - S[:384])^2, global map =
   mean of (A - S[384:])^2. Each is normalised as 0.1 (m - q_a) / (q_b - q_a) with q_a, q_b the 0.9
-  and 0.995 quantiles of that map over held-out training images (10 % of the training set here,
-  seeded); combined = 0.5 local + 0.5 global; image score = its maximum. The map is zero-padded by
+  and 0.995 quantiles of that map over held-out training images (the run's validation split,
+  ``val_fraction`` 0.1 by default, as the reference's 90/10 ``random_split``); combined = 0.5 local + 0.5 global; image score = its maximum. The map is zero-padded by
   the PDN's border loss (4 output cells, as the reference code does) and resized bilinearly to the
   input.
 """
@@ -44,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from anomalyzoo.data.transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, load_rgb_image
@@ -55,6 +61,10 @@ from anomalyzoo.settings import get_settings
 MODEL_SIZES = ("small", "medium")
 Q_HARD = 0.999  # sec. 3.2: only the hardest 0.1 % of the feature differences are learned
 MAP_QUANTILES = (0.9, 0.995)  # Algorithm 1: q_a and q_b of the map normalisation
+LEARNING_RATE = 1e-4  # sec. 4 / reference: Adam lr 1e-4, weight decay 1e-5
+WEIGHT_DECAY = 1e-5
+LR_DROP_AT = 0.95  # lr x 0.1 after 95 % of the steps (66,500 of 70,000)
+PAPER_NUM_STEPS = 70_000  # sec. 4: 70,000 training steps (shown by `anomalyzoo list`)
 
 
 def teacher_weights_name(model_size: str) -> str:
@@ -305,7 +315,7 @@ def find_images(folders: str | Path | Sequence[str | Path]) -> list[Path]:
 
 class PenaltyImages(Dataset):
     """ImageNet penalty images (Algorithm 1): resized to 2x the input size, grayscale with
-    p = 0.3, randomly cropped back to the input size; [0, 1] tensors."""
+    p = 0.3, centre-cropped back to the input size (reference ``penalty_transform``); [0, 1] tensors."""
 
     def __init__(self, files: list[Path], img_size: int) -> None:
         self.files, self.img_size = files, img_size
@@ -317,8 +327,8 @@ class PenaltyImages(Dataset):
         image = image_to_tensor(load_rgb_image(self.files[index]), 2 * self.img_size, normalize=False)
         if torch.rand(()) < 0.3:
             image = _grayscale(image[None])[0].expand(3, -1, -1).contiguous()
-        top, left = torch.randint(0, self.img_size + 1, (2,)).tolist()
-        return image[:, top:top + self.img_size, left:left + self.img_size]
+        offset = self.img_size // 2  # centre of a 2s x 2s image
+        return image[:, offset:offset + self.img_size, offset:offset + self.img_size]
 
 
 def _cycle(loader: DataLoader) -> Iterator[Any]:
@@ -329,104 +339,96 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
 # --------------------------------------------------------------------------- trainer
 class EfficientAdTrainer(BaseTrainer):
     """Algorithm 1: teacher statistics at fit start, student + autoencoder training, map
-    quantiles on held-out training images at fit end."""
+    quantiles on the held-out validation images at fit end."""
 
     def __init__(
         self,
         model_size: str = "small",
         teacher_out_channels: int = 384,
         padding: bool = False,
-        validation_fraction: float = 0.1,
+        imagenet_dir: str | Path | None = None,
         pretrained: bool = True,
         train_config: TrainConfig | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        train_config = as_train_config(train_config)
+        if not isinstance(train_config, TrainConfig):  # EfficientAD's own loop defaults under any given keys
+            train_config = as_train_config({"batch_size": 1, "normalize": False, **(train_config or {})})
         _check_size(model_size)
-        if not 0.0 < validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+        if train_config.batch_size != 1:
+            raise ValueError(
+                f"EfficientAD trains on one image per step (Algorithm 1; the hard-feature loss takes the 0.999 "
+                f"quantile of one image's differences), so batch_size must be 1, got {train_config.batch_size}")
         model = EfficientAdModel(model_size, teacher_out_channels, padding, pretrained, input_normalized=train_config.normalize)
         super().__init__(model, train_config, device)
-        self.validation_fraction = validation_fraction
-        self.global_step = 0
+        self.imagenet_dir = Path(imagenet_dir).expanduser() if imagenet_dir is not None else None
         self.total_steps = 0
         self.train_loader: DataLoader | None = None
         self.quantile_loader: DataLoader | None = None
         self.penalty_iterator: Iterator[torch.Tensor] | None = None
+        self.penalty_note = ""
         self.quantiles_stale = False
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         """Adam over student + autoencoder; the lr drop (x0.1 after 95 % of the steps) is applied
         per step in :meth:`train_step`, so there is no per-epoch scheduler."""
         parameters = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
-        return torch.optim.Adam(parameters, lr=1e-4, weight_decay=1e-5), None
+        return torch.optim.Adam(parameters, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY), None
 
     # ------------------------------------------------------------- data
-    def split_training_set(self, loader: DataLoader) -> tuple[DataLoader, DataLoader]:
-        """Seeded split of the training images into a training and a map-normalisation part."""
-        dataset = loader.dataset
-        count = len(dataset)
-        if count < 2:
-            raise ValueError("EfficientAD needs at least 2 training images (one is held out for map normalisation)")
-        held_out = min(count - 1, max(1, round(self.validation_fraction * count)))
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.train_config.seed)).tolist()
-        options = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory}
-        train_loader = DataLoader(Subset(dataset, order[held_out:]), batch_size=loader.batch_size, shuffle=True,
-                                  drop_last=False, generator=torch.Generator().manual_seed(self.train_config.seed), **options)
-        quantile_loader = DataLoader(Subset(dataset, sorted(order[:held_out])), batch_size=loader.batch_size,
-                                     shuffle=False, **options)
-        return train_loader, quantile_loader
+    def penalty_folder(self) -> Path:
+        """``imagenet_dir``, else ``<the run's DATASET_DIR>/imagenette2/train``."""
+        if self.imagenet_dir is not None:
+            return self.imagenet_dir
+        return Path(self.dataset_dir or get_settings().dataset_dir) / "imagenette2" / "train"
 
     def penalty_images(self) -> Iterator[torch.Tensor] | None:
-        folder = Path(get_settings().dataset_dir) / "imagenette2" / "train"
-        if not folder.is_dir():
-            return None
-        files = find_images(folder)
+        folder = self.penalty_folder()
+        files = find_images(folder) if folder.is_dir() else []
         if not files:
+            self.penalty_note = (f"off: no images under {folder}; trained without the ImageNet penalty (the paper's "
+                                 "ablation). Put Imagenette (imagenette2/train) in DATASET_DIR to enable it")
             return None
-        settings = get_settings()
-        loader = DataLoader(PenaltyImages(files, self.train_config.img_size), batch_size=self.train_loader.batch_size,
-                            shuffle=True, generator=torch.Generator().manual_seed(self.train_config.seed),
-                            num_workers=settings.num_workers)
+        self.penalty_note = f"on: {len(files)} images from {folder}"
+        loader = DataLoader(PenaltyImages(files, self.train_config.img_size), batch_size=1, shuffle=True,
+                            generator=torch.Generator().manual_seed(self.train_config.seed),
+                            num_workers=get_settings().num_workers)
         return _cycle(loader)
 
     def fit(self, train_loader: DataLoader, valid_loader: DataLoader | None = None, num_epochs: int | None = None,
             checkpoint_dir: str | Path | None = None) -> list[dict[str, Any]]:
-        self.train_loader, self.quantile_loader = self.split_training_set(train_loader)
-        self.total_steps = (num_epochs or self.train_config.num_epochs) * len(self.train_loader)
-        return super().fit(self.train_loader, valid_loader, num_epochs, checkpoint_dir)
+        if valid_loader is None:
+            raise ValueError("EfficientAD normalises its maps with quantiles of held-out training images: "
+                             "set val_fraction > 0 (default 0.1)")
+        self.train_loader, self.quantile_loader = train_loader, valid_loader
+        self.total_steps = self.planned_steps(train_loader, num_epochs)
+        return super().fit(train_loader, valid_loader, num_epochs, checkpoint_dir)
+
+    def run_notes(self) -> dict[str, str]:
+        return {"imagenet_penalty": self.penalty_note} if self.penalty_note else {}
 
     # ------------------------------------------------------------- Algorithm 1
     @torch.no_grad()
     def on_fit_start(self) -> None:
         """Per-channel mean and std of the teacher's outputs over the training images."""
         assert self.train_loader is not None, "call fit() with the training loader"
-        count, total, total_sq = 0, None, None
-        for batch in self.train_loader:
-            images = self.model.to_unit_range(batch["image"].to(self.device))
-            features = self.model.teacher(images).double()
-            sums, sums_sq = features.sum(dim=(0, 2, 3)), (features ** 2).sum(dim=(0, 2, 3))
-            total = sums if total is None else total + sums
-            total_sq = sums_sq if total_sq is None else total_sq + sums_sq
-            count += features.shape[0] * features.shape[2] * features.shape[3]
-        mean = total / count
-        std = (total_sq / count - mean ** 2).clamp_min(0).sqrt()
-        self.model.teacher_mean.copy_(mean.view(1, -1, 1, 1).float())
-        self.model.teacher_std.copy_(std.view(1, -1, 1, 1).float().clamp_min(1e-6))
+        mean, std = teacher_channel_statistics(self.model, self.train_loader, self.device)
+        self.model.teacher_mean.copy_(mean)
+        self.model.teacher_std.copy_(std)
         self.penalty_iterator = self.penalty_images()
+        tqdm.write(f"EfficientAD ImageNet penalty {self.penalty_note}")
 
     def current_lr(self) -> float:
-        return 1e-4 * (0.1 if self.global_step >= 0.95 * self.total_steps else 1.0)
+        return LEARNING_RATE * (0.1 if self.global_step >= LR_DROP_AT * self.total_steps else 1.0)
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def training_loss(self, batch: dict[str, Any], penalty_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Algorithm 1: L_ST = L_hard + L_penalty, L_AE and L_STAE; the total is their sum."""
         model, channels = self.model, self.model.out_channels
         images = model.to_unit_range(batch["image"])
         teacher = model.normalized_teacher(images)
         student = model.student(images)[:, :channels]
         loss_hard = hard_feature_loss(teacher, student)
-        loss_penalty = torch.zeros((), device=self.device)
-        if self.penalty_iterator is not None:
-            penalty_images = next(self.penalty_iterator).to(self.device)
+        loss_penalty = torch.zeros((), device=images.device)
+        if penalty_images is not None:
             loss_penalty = (model.student(penalty_images)[:, :channels] ** 2).mean()
         augmented = color_jitter(images)
         teacher_augmented = model.normalized_teacher(augmented)
@@ -435,30 +437,25 @@ class EfficientAdTrainer(BaseTrainer):
         loss_ae = ((teacher_augmented - autoencoder) ** 2).mean()
         # not detached: as in the reference code, L_STAE also pulls the autoencoder towards the student
         loss_stae = ((autoencoder - student_augmented) ** 2).mean()
-        loss = loss_hard + loss_penalty + loss_ae + loss_stae
+        loss_st = loss_hard + loss_penalty
+        return {"loss": loss_st + loss_ae + loss_stae, "loss_st": loss_st, "loss_hard": loss_hard,
+                "loss_penalty": loss_penalty, "loss_ae": loss_ae, "loss_stae": loss_stae}
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        penalty_images = next(self.penalty_iterator).to(self.device) if self.penalty_iterator is not None else None
+        losses = self.training_loss(batch, penalty_images)
         for group in self.optimizer.param_groups:
             group["lr"] = self.current_lr()
-        self.optimize(loss)
-        self.global_step += 1
+        self.optimize(losses["loss"])
         self.quantiles_stale = True
-        return {"loss": loss.item(), "loss_st": (loss_hard + loss_penalty).item(), "loss_ae": loss_ae.item(),
-                "loss_stae": loss_stae.item()}
+        return {key: float(value.detach()) for key, value in losses.items()}
 
     @torch.no_grad()
     def compute_map_quantiles(self) -> None:
         """q_a = 0.9 and q_b = 0.995 quantiles of each map over the held-out training images."""
         assert self.quantile_loader is not None
         self.model.eval()
-        local_maps, global_maps = [], []
-        for batch in self.quantile_loader:
-            images = self.model.to_unit_range(batch["image"].to(self.device))
-            local_map, global_map = self.model.raw_maps(images)
-            local_maps.append(local_map.flatten())
-            global_maps.append(global_map.flatten())
-        local_all, global_all = torch.cat(local_maps), torch.cat(global_maps)
-        q_a, q_b = MAP_QUANTILES
-        values = [quantile(local_all, q_a), quantile(local_all, q_b), quantile(global_all, q_a), quantile(global_all, q_b)]
-        self.model.quantiles.copy_(torch.stack(values))
+        self.model.quantiles.copy_(map_quantiles(self.model, self.quantile_loader, self.device))
         self.quantiles_stale = False
 
     def on_validation_start(self) -> None:
@@ -469,11 +466,38 @@ class EfficientAdTrainer(BaseTrainer):
         if self.quantiles_stale and self.quantile_loader is not None:
             self.compute_map_quantiles()
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"global_step": self.global_step}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.global_step = int(state.get("global_step", 0))
+@torch.no_grad()
+def teacher_channel_statistics(model: EfficientAdModel, loader: DataLoader,
+                               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (1, C, 1, 1) of the teacher's outputs over every position of every
+    image (reference ``teacher_normalization``: the mean, then the root of the mean squared
+    deviation; accumulated in float64)."""
+    count, total, total_sq = 0, None, None
+    for batch in loader:
+        images = model.to_unit_range(batch["image"].to(device))
+        features = model.teacher(images).double()
+        sums, sums_sq = features.sum(dim=(0, 2, 3)), (features ** 2).sum(dim=(0, 2, 3))
+        total = sums if total is None else total + sums
+        total_sq = sums_sq if total_sq is None else total_sq + sums_sq
+        count += features.shape[0] * features.shape[2] * features.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp_min(0).sqrt()
+    return mean.view(1, -1, 1, 1).float(), std.view(1, -1, 1, 1).float().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def map_quantiles(model: EfficientAdModel, loader: DataLoader, device: torch.device) -> torch.Tensor:
+    """(q_a, q_b) of the local map then of the global map, over every cell of every image."""
+    local_maps, global_maps = [], []
+    for batch in loader:
+        images = model.to_unit_range(batch["image"].to(device))
+        local_map, global_map = model.raw_maps(images)
+        local_maps.append(local_map.flatten())
+        global_maps.append(global_map.flatten())
+    local_all, global_all = torch.cat(local_maps), torch.cat(global_maps)
+    q_a, q_b = MAP_QUANTILES
+    return torch.stack([quantile(local_all, q_a), quantile(local_all, q_b), quantile(global_all, q_a), quantile(global_all, q_b)])
 
 
 # --------------------------------------------------------------------------- teacher distillation

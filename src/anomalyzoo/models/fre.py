@@ -142,8 +142,6 @@ class FreTrainer(BaseTrainer):
         """Adam, lr 1e-3, on the autoencoder only (anomalib's default); no schedule."""
         return torch.optim.Adam(self.model.autoencoder.parameters(), lr=1e-3), None
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         features, reconstruction = self.model.reconstruct(batch["image"])
-        loss = F.mse_loss(reconstruction, features)
-        self.optimize(loss)
-        return {"loss": loss.item()}
+        return {"loss": F.mse_loss(reconstruction, features)}

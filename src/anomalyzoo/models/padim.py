@@ -8,7 +8,10 @@
   for embeddings of >= 1000 channels and at most 100 otherwise (EfficientNet-Lite0 has 176).
 - Per-position multivariate Gaussian with covariance regularised by 0.01 * I (eq. 1).
 - Score (sec. 3.3, eq. 2): Mahalanobis distance at each position; the map is upsampled
-  bilinearly to the input and smoothed with a Gaussian of sigma = 4; the image score is its max.
+  bilinearly (align_corners=False) to the input and smoothed with a Gaussian of sigma = 4
+  (kernel truncated at 4 sigma, as the authors' ``scipy.ndimage.gaussian_filter(sigma=4)``); the
+  image score is its max. At the borders we reflect without repeating the edge pixel, like
+  anomalib's blur; the authors' scipy default repeats it, which changes only the outer 16 px.
 """
 
 from __future__ import annotations

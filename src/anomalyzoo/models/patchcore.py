@@ -10,8 +10,9 @@
   feature; the image score is the largest patch score s*, re-weighted by
   ``1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||)`` with b = 9 neighbours of
   the nearest bank feature m* (N_b includes m* itself, as in the reference implementation).
-- Anomaly map (sec. 3.3): patch scores upsampled bilinearly to the input size and smoothed with a
-  Gaussian of sigma = 4.
+- Anomaly map (sec. 3.3): patch scores upsampled bilinearly (align_corners=False) to the input
+  size and smoothed with a Gaussian of sigma = 4 (truncated at 4 sigma, reflect borders as in
+  PaDiM; the reference code uses scipy's ``gaussian_filter(sigma=4)``).
 """
 
 from __future__ import annotations

@@ -10,17 +10,16 @@ teacher, and the disagreement is the anomaly map.
   ``layer1``-``layer3``); the teacher is frozen (BatchNorm in eval mode, no gradients), the
   student has the same architecture with random weights and is the only thing trained.
 - Loss (eq. 1-2): at each position (i, j) of layer l the features are L2-normalised along the
-  channels, ``l(i, j) = 0.5 * ||t_hat_ij - s_hat_ij||^2``; a layer's loss is the mean over its
-  h_l x w_l positions, and the total is the sum over layers (alpha_l = 1). Over a batch the
-  per-image losses are *summed*, as in the authors' code (``MSELoss(reduction="sum")`` scaled by
-  ``0.5 / (h * w)``, gdwang08/STFPM) and anomalib: the learning rate 0.4 below was tuned for that
-  scale, and a batch mean would divide the effective step by the batch size.
-- Anomaly map (sec. 3.2): per layer the same ``0.5 * ||t_hat - s_hat||^2`` at every position,
-  upsampled bilinearly to the input size. The paper multiplies the per-layer maps, and so do
-  the authors' code and anomalib's ``AnomalyMapGenerator`` (``anomaly_map *= layer_map``); we
-  sum them, as the project issue asks: a product is near zero wherever any one layer agrees,
-  so a defect seen by only one scale vanishes from the map. The image score is the maximum of
-  the map (sec. 3.2).
+  channels and compared by their squared distance ``||t_hat_ij - s_hat_ij||^2``; a layer's loss
+  is the mean over its h_l x w_l positions, and the total is the sum over layers (alpha_l = 1).
+  The paper prints a factor 1/2 and leaves the batch reduction open; we follow the authors'
+  code (gdwang08/STFPM ``train_val``: ``torch.sum((t - s) ** 2, 1).mean()`` per layer), i.e. no
+  1/2 and the *mean* over the images of the batch, the scale their SGD lr 0.4 was tuned for.
+  (anomalib sums over the batch with the 1/2, which multiplies the step by batch/2.)
+- Anomaly map (sec. 3.2): per layer the same squared distance at every position, brought to the
+  first layer's grid bilinearly and *multiplied* over the layers (the paper's eq. 4; the
+  authors' ``test`` multiplies at layer1's 64x64 grid, and anomalib multiplies too), then
+  upsampled bilinearly to the input size. The image score is the maximum of the map (sec. 3.2).
 - Optimiser (sec. 4.1): SGD, lr 0.4, momentum 0.9, weight decay 1e-4, over the student only.
 """
 
@@ -37,25 +36,23 @@ from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
 
 
-def pairwise_feature_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """``0.5 * ||t_hat - s_hat||^2`` at every position (eq. 1): (B, C, h, w) x2 -> (B, h, w).
+def normalized_squared_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """``||t_hat - s_hat||^2`` at every position (eq. 1, authors' scale): (B, C, h, w) x2 -> (B, h, w).
 
-    Both feature maps are L2-normalised along the channels first, so the value lies in [0, 2]
-    and equals ``1 - cos(t, s)``.
+    Both feature maps are L2-normalised along the channels first, so the value lies in [0, 4]
+    and equals ``2 * (1 - cos(t, s))``.
     """
     teacher = F.normalize(teacher, p=2, dim=1)
     student = F.normalize(student, p=2, dim=1)
-    return 0.5 * (teacher - student).pow(2).sum(dim=1)
+    return (teacher - student).pow(2).sum(dim=1)
 
 
 def stfpm_loss(teacher_features: dict[str, torch.Tensor], student_features: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Eq. 2: sum over layers of the per-position distance averaged over the layer's h x w
-    positions, summed over the images of the batch (the authors' scale, see the module doc)."""
+    """Eq. 2 at the authors' scale: sum over layers of the per-position distance averaged over
+    the batch and the layer's h x w positions."""
     loss = torch.zeros((), device=next(iter(teacher_features.values())).device)
     for layer, teacher in teacher_features.items():
-        distance = pairwise_feature_distance(teacher, student_features[layer])  # (B, h, w)
-        height, width = distance.shape[-2:]
-        loss = loss + distance.sum() / (height * width)
+        loss = loss + normalized_squared_distance(teacher, student_features[layer]).mean()
     return loss
 
 
@@ -84,14 +81,17 @@ class StfpmModel(nn.Module):
 
     def anomaly_map(self, teacher_features: dict[str, torch.Tensor], student_features: dict[str, torch.Tensor],
                     size: tuple[int, int]) -> torch.Tensor:
-        """Sum over layers of the per-position distance upsampled to ``size``: (B, H, W)."""
-        total: torch.Tensor | None = None
+        """Product over layers of the per-position distance on the first layer's grid, upsampled
+        to ``size``: (B, H, W)."""
+        grid = teacher_features[self.layers[0]].shape[-2:]
+        product: torch.Tensor | None = None
         for layer in self.layers:
-            distance = pairwise_feature_distance(teacher_features[layer], student_features[layer])
-            distance = F.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            total = distance if total is None else total + distance
-        assert total is not None
-        return total
+            distance = normalized_squared_distance(teacher_features[layer], student_features[layer])[:, None]
+            if distance.shape[-2:] != grid:
+                distance = F.interpolate(distance, size=grid, mode="bilinear", align_corners=False)
+            product = distance if product is None else product * distance
+        assert product is not None
+        return F.interpolate(product, size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         teacher_features, student_features = self.features(images)
@@ -118,8 +118,6 @@ class StfpmTrainer(BaseTrainer):
         """Sec. 4.1: SGD(lr 0.4, momentum 0.9, weight decay 1e-4) on the student, no schedule."""
         return torch.optim.SGD(self.model.student.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-4), None
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         teacher_features, student_features = self.model.features(batch["image"])
-        loss = stfpm_loss(teacher_features, student_features)
-        self.optimize(loss)
-        return {"loss": loss.item()}
+        return {"loss": stfpm_loss(teacher_features, student_features)}

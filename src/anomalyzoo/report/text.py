@@ -76,6 +76,7 @@ def write_thresholds_report(
     metrics: Mapping[str, object],
     rows: list[ThresholdRow],
     header: Mapping[str, object],
+    predict_threshold: str | None = None,
 ) -> Path:
     """Write the run's header, its metrics (``None`` as ``n/a``) and the threshold table.
 
@@ -91,8 +92,12 @@ def write_thresholds_report(
     if rows:
         lines += _threshold_table(rows)
         lines.append("precision is 0.0 where a threshold predicts no image anomalous")
+        lines.append("f1_optimal, normal_p95/p99 and zero_miss are chosen on the test labels (what was possible);")
+        lines.append("normal_val_p* is chosen on held-out normal training images only (what to expect when deployed)")
     else:
         lines.append("(no thresholds)")
+    if predict_threshold is not None:
+        lines.append(f"predict uses: {predict_threshold} (anomalyzoo predict --threshold normal|f1|VALUE)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

