@@ -6,7 +6,10 @@ from anomalyzoo.registry import UnknownModelError
 
 def test_registered_models_and_defaults_match_the_spec():
     assert {"padim", "patchcore"} <= set(ModelRegistry.list_models())
-    assert ModelRegistry.get_model_config("patchcore") == {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}
+    config = ModelRegistry.get_model_config("patchcore")
+    assert config["backbone"] == "wide_resnet50_2" and config["layers"] == ["layer2", "layer3"]
+    # the rest comes from the one home of defaults, the signatures
+    assert config["coreset_ratio"] == 0.1 and config["num_neighbors"] == 9
     assert ModelRegistry.get_train_config("padim") == {"num_epochs": 1, "batch_size": 4, "img_size": 256, "normalize": True}
     assert "patchcore" in ModelRegistry.list_by_category()["memory"]
 
@@ -30,8 +33,9 @@ def test_register_and_get_trainer_with_overrides():
         trainer = ModelRegistry.get_trainer("padim-tiny", {"pretrained": False, "n_features": 20}, {"num_epochs": 1}, "cpu")
         assert trainer.model_type == "padim-tiny"
         assert trainer.model.channel_index.numel() == 20
-        with pytest.raises(TypeError, match="does not accept"):
+        with pytest.raises(TypeError, match="does not accept") as error:
             ModelRegistry.get_trainer("padim-tiny", {"pretrained": False, "no_such_option": 1})
+        assert "no_such_option" in str(error.value) and "n_features" in str(error.value)  # lists the valid ones
     finally:
         ModelRegistry._entries.pop("padim-tiny")
 
@@ -52,7 +56,8 @@ SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_s
 @pytest.mark.parametrize("name", sorted(SPEC_DEFAULTS))
 def test_every_registered_model_has_the_spec_defaults_and_a_trainer(name):
     model_config, epochs, batch, img_size, normalize = SPEC_DEFAULTS[name]
-    assert ModelRegistry.get_model_config(name) == model_config
+    config = ModelRegistry.get_model_config(name)
+    assert {key: config[key] for key in model_config} == model_config
     assert ModelRegistry.get_train_config(name) == {"num_epochs": epochs, "batch_size": batch, "img_size": img_size, "normalize": normalize}
     trainer_class = ModelRegistry.get_trainer_class(name)
     assert trainer_class.__name__.endswith("Trainer")
@@ -61,3 +66,40 @@ def test_every_registered_model_has_the_spec_defaults_and_a_trainer(name):
 
 def test_only_implemented_models_are_registered():
     assert set(ModelRegistry.list_models()) == set(SPEC_DEFAULTS)
+
+
+def test_an_error_inside_a_constructor_is_not_called_a_bad_option():
+    with pytest.raises(ValueError, match="coreset_ratio must be in"):  # a valid name with a bad value
+        ModelRegistry.get_trainer("patchcore", {"backbone": "resnet18", "pretrained": False, "coreset_ratio": 2.0})
+
+
+def test_defaults_live_in_the_signatures():
+    """The registry row holds only what differs from the signatures (EfficientAD's size)."""
+    from anomalyzoo.models.efficientad import EfficientAdModel, EfficientAdTrainer
+    from anomalyzoo.models.patchcore import PatchcoreModel
+
+    assert ModelRegistry.get("patchcore").model_config == {}
+    assert ModelRegistry.get("efficientad-medium").model_config == {"model_size": "medium"}
+    import inspect
+
+    signature = inspect.signature(PatchcoreModel.__init__).parameters
+    assert ModelRegistry.get_model_config("patchcore")["coreset_ratio"] == signature["coreset_ratio"].default
+    assert "imagenet_dir" in EfficientAdTrainer.option_defaults()  # a trainer's own option
+    assert "input_normalized" not in EfficientAdTrainer.option_defaults()  # filled from the training config
+    assert "model_size" in inspect.signature(EfficientAdModel.__init__).parameters
+
+
+def test_a_directly_built_trainer_records_its_configuration(tmp_path):
+    """Not built through the registry, with a non-default backbone: the checkpoint still rebuilds it."""
+    from anomalyzoo.models.reverse_distillation import ReverseDistillationTrainer
+    from anomalyzoo.predict import load_trainer
+
+    trainer = ReverseDistillationTrainer(backbone="resnet18", pretrained=False, learning_rate=0.01,
+                                         train_config={"img_size": 64}, device="cpu")
+    assert trainer.model_config["backbone"] == "resnet18" and trainer.model_config["learning_rate"] == 0.01
+    assert trainer.optimizer is None  # built when fitting starts
+    trainer.model_type = "reverse-distillation"
+    checkpoint = trainer.save_model(tmp_path / "model.pth")
+    restored = load_trainer(checkpoint, device="cpu")
+    assert restored.model_config == {**trainer.model_config, "pretrained": False}
+    assert restored.learning_rate == 0.01 and restored.model.encoder.backbone_name == "resnet18"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ import numpy as np
 import torch
 
 from anomalyzoo.data.transforms import denormalize, image_to_tensor, load_rgb_image
-from anomalyzoo.models.components.trainer import BaseTrainer, read_checkpoint
+from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, read_checkpoint
 from anomalyzoo.registry import ModelRegistry
+from anomalyzoo.report import save_anomaly_map_figure
 
 
 def load_trainer(checkpoint_path: str | Path, device: str | None = None) -> BaseTrainer:
@@ -25,12 +25,12 @@ def load_trainer(checkpoint_path: str | Path, device: str | None = None) -> Base
     checkpoint = read_checkpoint(checkpoint_path)
     model_type = checkpoint["model_type"]
     model_config = dict(checkpoint["model_config"])
-    trainer_class = ModelRegistry.get_trainer_class(model_type)
-    if "pretrained" in inspect.signature(trainer_class.__init__).parameters:
+    pretrained = model_config.get("pretrained")
+    if "pretrained" in ModelRegistry.get_trainer_class(model_type).option_defaults():
         model_config["pretrained"] = False
-    train_config = dict(checkpoint["train_config"])
-    trainer = ModelRegistry.get_trainer(model_type, model_config, train_config, device)
-    trainer.model_config = dict(checkpoint["model_config"])
+    trainer = ModelRegistry.get_trainer(model_type, model_config, TrainConfig.from_dict(checkpoint["train_config"]), device)
+    if pretrained is not None:
+        trainer.model_options["pretrained"] = pretrained  # record what the run used, not how it was rebuilt
     return trainer.load_model(checkpoint_path)
 
 
@@ -71,8 +71,6 @@ def predict_images(
 
     ``normalized_score`` is 0.5 at the label-free threshold for every model (see
     ``metrics.normalization``); it is empty for checkpoints trained without a validation split."""
-    from anomalyzoo.report import save_anomaly_map_figure
-
     trainer = load_trainer(checkpoint_path, device)
     threshold_value, threshold_name = choose_threshold(trainer, threshold)
     config = trainer.train_config

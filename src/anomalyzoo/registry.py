@@ -1,6 +1,8 @@
 """ModelRegistry: model name -> trainer class, model defaults and training defaults.
 
-The table at the bottom is the spec's registry (sec. 7). Only implemented models are registered;
+The rows are generated from each model module's ``VARIANTS`` table (variants are data); a row
+stores only what differs from the trainer's and model's signatures, which are the one home of
+every default: ``get_model_config`` merges the two. Only implemented models are registered;
 asking for any other name is an error that lists the closest registered names.
 """
 
@@ -25,6 +27,8 @@ class ModelEntry:
     # the paper's own schedule where it differs from the spec's defaults, with the override that
     # reproduces it (shown by `anomalyzoo list`; never applied silently)
     paper_schedule: dict[str, Any] = field(default_factory=dict)
+    # options and training keys small enough for the registry contract test
+    tiny_config: dict[str, Any] = field(default_factory=dict)
 
 
 class UnknownModelError(KeyError):
@@ -37,9 +41,10 @@ class ModelRegistry:
 
     @classmethod
     def register(cls, name: str, trainer_path: str, model_config: dict[str, Any], train_config: dict[str, Any],
-                 family: str = "other", paper_schedule: dict[str, Any] | None = None) -> None:
+                 family: str = "other", paper_schedule: dict[str, Any] | None = None,
+                 tiny_config: dict[str, Any] | None = None) -> None:
         cls._entries[name] = ModelEntry(name, trainer_path, dict(model_config), dict(train_config), family,
-                                        dict(paper_schedule or {}))
+                                        dict(paper_schedule or {}), dict(tiny_config or {}))
 
     @classmethod
     def get(cls, name: str) -> ModelEntry:
@@ -73,7 +78,14 @@ class ModelRegistry:
 
     @classmethod
     def get_model_config(cls, name: str) -> dict[str, Any]:
-        return copy.deepcopy(cls.get(name).model_config)
+        """Every option of the model and its trainer: the signatures' defaults with this row's values."""
+        defaults = cls.get_trainer_class(name).option_defaults()
+        return copy.deepcopy({**defaults, **cls.get(name).model_config})
+
+    @classmethod
+    def get_tiny_config(cls, name: str) -> dict[str, Any]:
+        """The row's tiny configuration (options and training keys) for quick tests."""
+        return copy.deepcopy(cls.get(name).tiny_config)
 
     @classmethod
     def get_trainer_class(cls, name: str) -> type:
@@ -82,56 +94,41 @@ class ModelRegistry:
 
     @classmethod
     def get_trainer(cls, name: str, model_config: dict[str, Any] | None = None, train_config: Any = None, device: Any = None):
-        """Build the trainer of ``name``; ``model_config`` entries override the registry's."""
-        config = {**cls.get_model_config(name), **(model_config or {})}
+        """Build the trainer of ``name``; ``model_config`` entries override the row's. Option names
+        are checked against the signatures first, so a typo lists the valid options and an error
+        raised inside a constructor is never disguised as one."""
         trainer_class = cls.get_trainer_class(name)
+        config = {**cls.get(name).model_config, **(model_config or {})}
         try:
-            trainer = trainer_class(train_config=train_config, device=device, **config)
+            trainer_class.check_options(config)
         except TypeError as error:
-            raise TypeError(f"Model '{name}' does not accept these options {sorted(config)}: {error}") from error
+            raise TypeError(f"Model '{name}' does not accept these options: {error}") from None
+        if train_config is None or isinstance(train_config, dict):
+            train_config = {**cls.get_train_config(name), **(train_config or {})}
+        trainer = trainer_class(train_config=train_config, device=device, **config)
         trainer.model_type = name
-        trainer.model_config = config
         return trainer
 
     @classmethod
     def register_all_models(cls) -> None:
-        for name, trainer_path, model_config, train_config, family in MODEL_TABLE:
-            cls.register(name, trainer_path, model_config, train_config, family, PAPER_SCHEDULES.get(name))
+        """One row per entry of every model module's ``VARIANTS`` table."""
+        for module_name in MODEL_MODULES:
+            module = importlib.import_module(module_name)
+            for name, variant in module.VARIANTS.items():
+                trainer_path = f"{module_name}.{variant.trainer.__name__}"
+                cls.register(name, trainer_path, variant.options, variant.train, variant.family, variant.paper, variant.tiny)
 
 
-def _train(num_epochs: int, batch_size: int, img_size: int = 256, normalize: bool = True) -> dict[str, Any]:
-    return {"num_epochs": num_epochs, "batch_size": batch_size, "img_size": img_size, "normalize": normalize}
-
-
-_MODELS = "anomalyzoo.models"
-MODEL_TABLE: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
-    ("padim", f"{_MODELS}.padim.PadimTrainer",
-     {"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, _train(1, 4), "memory"),
-    ("patchcore", f"{_MODELS}.patchcore.PatchcoreTrainer",
-     {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, _train(1, 8), "memory"),
-    ("dfkde", f"{_MODELS}.dfkde.DfkdeTrainer",
-     {"backbone": "resnet50", "layers": ["layer4"]}, _train(1, 8), "memory"),
-    ("stfpm", f"{_MODELS}.stfpm.StfpmTrainer",
-     {"backbone": "resnet50", "layers": ["layer1", "layer2", "layer3"]}, _train(50, 16), "distillation"),
-    ("fre", f"{_MODELS}.fre.FreTrainer",
-     {"backbone": "resnet50", "layer": "layer3"}, _train(50, 16), "distillation"),
-    ("reverse-distillation", f"{_MODELS}.reverse_distillation.ReverseDistillationTrainer",
-     {"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, _train(50, 8), "distillation"),
-    ("efficientad-small", f"{_MODELS}.efficientad.EfficientAdTrainer",
-     {"model_size": "small"}, _train(20, 1, normalize=False), "distillation"),
-    ("efficientad-medium", f"{_MODELS}.efficientad.EfficientAdTrainer",
-     {"model_size": "medium"}, _train(20, 1, normalize=False), "distillation"),
-    ("dfm", f"{_MODELS}.dfm.DfmTrainer",
-     {"backbone": "resnet50", "layer": "layer3", "score_type": "fre"}, _train(1, 16), "adaptation"),
-]
-
-# Where the paper (or the authors' code that produced its numbers) trains differently from the
-# spec's defaults above: `anomalyzoo list` shows these; pass them as overrides to reproduce it.
-PAPER_SCHEDULES: dict[str, dict[str, Any]] = {
-    "stfpm": {"num_epochs": 100, "batch_size": 32},  # gdwang08/STFPM main.py defaults, sec. 4.1
-    "reverse-distillation": {"num_epochs": 200, "batch_size": 16},  # RD4AD main.py
-    "efficientad-small": {"num_steps": 70_000},  # sec. 4: 70,000 steps of batch 1
-    "efficientad-medium": {"num_steps": 70_000},
-}
+# The model families, in the order `anomalyzoo list` shows them within a family.
+MODEL_MODULES = (
+    "anomalyzoo.models.padim",
+    "anomalyzoo.models.patchcore",
+    "anomalyzoo.models.dfkde",
+    "anomalyzoo.models.stfpm",
+    "anomalyzoo.models.fre",
+    "anomalyzoo.models.reverse_distillation",
+    "anomalyzoo.models.efficientad",
+    "anomalyzoo.models.dfm",
+)
 
 ModelRegistry.register_all_models()

@@ -29,6 +29,7 @@ from anomalyzoo.data.transforms import denormalize
 from anomalyzoo.metrics import compute_metrics, evaluate_threshold
 from anomalyzoo.models.components.trainer import TRAIN_KEYS, BaseTrainer, Predictions, TrainConfig
 from anomalyzoo.registry import ModelRegistry
+from anomalyzoo.report import format_markdown_table, write_summary_tables
 from anomalyzoo.settings import get_settings
 
 RESULT_METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "image_ap", "pixel_f1_max", "pixel_ap")
@@ -192,7 +193,7 @@ def train(
           f"(val_fraction={train_config.val_fraction})")
     trainer = ModelRegistry.get_trainer(model_type, model_overrides, train_config, device)
     trainer.dataset_dir = Path(dataset_dir if dataset_dir is not None else settings.dataset_dir).expanduser()
-    checkpoint_dir = run_dir / "checkpoints" if trainer.optimizer is not None else None
+    checkpoint_dir = run_dir / "checkpoints" if trainer.uses_optimizer else None
     if resume:
         trainer.load_model(run_dir / "checkpoints" / "last.pth", restore_rng=True)
         print(f"Resuming {model_type} from epoch {trainer.epoch} in {run_dir}")
@@ -263,8 +264,6 @@ def train_models(
 ) -> list[dict[str, Any]]:
     """Every model on every category; a failure is reported and the rest go on. Ends with a
     summary table printed and written as ``summary_<dataset>_<time>.csv`` / ``.md`` in OUTPUT_DIR."""
-    from anomalyzoo.report import format_markdown_table, write_summary_tables
-
     categories = [categories] if isinstance(categories, str) else list(categories)
     model_types = [model_types] if isinstance(model_types, str) else list(model_types)
     rows: list[dict[str, Any]] = []

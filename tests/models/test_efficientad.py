@@ -215,15 +215,22 @@ def test_batch_sizes_other_than_one_are_refused():
         EfficientAdTrainer(pretrained=False, device="cpu", train_config={"batch_size": 4})
 
 
+def lr_after_steps(trainer: EfficientAdTrainer, steps: int) -> float:
+    """The learning rate of the next optimisation step after ``steps`` more scheduler steps."""
+    trainer.setup_optimization()
+    for _ in range(steps):
+        trainer.optimizer.step()  # no gradients: nothing moves
+        trainer.scheduler.step()
+    return trainer.optimizer.param_groups[0]["lr"]
+
+
 def test_num_steps_defines_the_schedule():
     trainer = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"batch_size": 1, "num_steps": 1000})
     loader = torch.utils.data.DataLoader(list(range(30)), batch_size=1)
     assert trainer.planned_steps(loader) == 1000 and trainer.planned_epochs(loader) == 34  # ceil(1000 / 30)
     trainer.total_steps = trainer.planned_steps(loader)
-    trainer.global_step = 949
-    assert trainer.current_lr() == pytest.approx(1e-4)
-    trainer.global_step = 950  # 95 % of num_steps, not of the epochs' steps
-    assert trainer.current_lr() == pytest.approx(1e-5)
+    assert lr_after_steps(trainer, 949) == pytest.approx(1e-4)
+    assert lr_after_steps(trainer, 1) == pytest.approx(1e-5)  # step 950: 95 % of num_steps, not of the epochs' steps
     plain = EfficientAdTrainer(pretrained=False, device="cpu", train_config={"batch_size": 1, "num_epochs": 20})
     assert plain.planned_steps(loader) == 600  # the spec's default: 20 epochs
 
@@ -304,10 +311,9 @@ def test_teacher_statistics_and_map_quantiles_match_direct_computations():
 def test_learning_rate_drops_tenfold_after_95_percent_of_the_steps():
     trainer = EfficientAdTrainer(pretrained=False, device="cpu")
     trainer.total_steps = 100
-    trainer.global_step = 94
-    assert trainer.current_lr() == pytest.approx(1e-4)
-    trainer.global_step = 95
-    assert trainer.current_lr() == pytest.approx(1e-5)
+    assert lr_after_steps(trainer, 94) == pytest.approx(1e-4)
+    assert lr_after_steps(trainer, 1) == pytest.approx(1e-5)  # the 96th step runs at lr / 10
+    assert trainer.scheduler_interval == "step"
     group = trainer.optimizer.param_groups[0]
     assert group["weight_decay"] == pytest.approx(1e-5)
     trained = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -325,7 +331,7 @@ def test_penalty_images_come_from_the_runs_dataset_folder_centre_cropped(tmp_pat
     assert trainer.penalty_note.startswith("on: 3 images")
     # a centre crop (reference penalty_transform): the middle 64x64 of the 128x128 resize
     from anomalyzoo.data.transforms import image_to_tensor, load_rgb_image
-    from anomalyzoo.models.efficientad import PenaltyImages
+    from anomalyzoo.data.penalty import PenaltyImages
 
     files = sorted((tmp_path / "imagenette2" / "train").rglob("*.JPEG"))
     patterned = tmp_path / "pattern.png"

@@ -62,7 +62,7 @@ def test_scores_are_the_feature_reconstruction_error_of_a_projection(small_model
 
 
 def test_train_step_fits_the_autoencoder_and_never_the_backbone():
-    trainer = FreTrainer("efficientnet_lite0", "layer3", latent_dim=20, pretrained=False,
+    trainer = FreTrainer(backbone="efficientnet_lite0", layer="layer3", latent_dim=20, pretrained=False,
                          train_config={"img_size": 64, "batch_size": 2}, device="cpu")
     backbone_before = {k: v.clone() for k, v in trainer.model.feature_extractor.state_dict().items()}
     weight_before = trainer.model.autoencoder.weight.detach().clone()

@@ -56,7 +56,7 @@ def test_loss_is_the_authors_form_a_mean_over_images_and_positions():
 
 @pytest.fixture(scope="module")
 def untrained_trainer() -> StfpmTrainer:
-    return StfpmTrainer("efficientnet_lite0", pretrained=False, train_config={"img_size": 64, "batch_size": 2}, device="cpu")
+    return StfpmTrainer(backbone="efficientnet_lite0", pretrained=False, train_config={"img_size": 64, "batch_size": 2}, device="cpu")
 
 
 def test_anomaly_map_is_the_product_of_layer_distances_on_the_first_grid(untrained_trainer):

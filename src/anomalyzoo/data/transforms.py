@@ -179,3 +179,9 @@ def denormalize(tensor: torch.Tensor | np.ndarray, normalize: bool) -> np.ndarra
         values = values * std + mean
     pixels = (values.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
     return pixels.permute(1, 2, 0).contiguous().numpy()
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma with ITU-R 601 weights (PIL's and torchvision's grayscale)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)

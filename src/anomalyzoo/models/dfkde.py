@@ -26,7 +26,8 @@ from torch import nn
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.gaussian_kde import GaussianKDE
 from anomalyzoo.models.components.pca import PCA
-from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig
+from anomalyzoo.models.components.variants import ModelVariant
 
 FEATURE_SCALING_METHODS = ("scale", "norm")
 
@@ -83,26 +84,17 @@ class DfkdeModel(nn.Module):
 
 class DfkdeTrainer(FeatureBankTrainer):
     """One pass collects a pooled feature vector per training image; PCA and the KDE are fitted at
-    the end of the epoch (no gradients, no optimiser)."""
+    the end of the epoch (no gradients, no optimiser). ``max_training_points`` caps the KDE's
+    samples (a seeded subset), as anomalib does."""
 
-    def __init__(
-        self,
-        backbone: str = "resnet50",
-        layers: Sequence[str] = ("layer4",),
-        n_pca_components: int = 16,
-        feature_scaling_method: str = "scale",
-        max_training_points: int = 40000,
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        model = DfkdeModel(backbone, layers, n_pca_components, feature_scaling_method, pretrained,
-                           input_normalized=train_config.normalize)
-        super().__init__(model, train_config, device)
+    model_class = DfkdeModel
+
+    def __init__(self, *, max_training_points: int = 40000, train_config: TrainConfig | dict[str, Any] | None = None,
+                 device: str | torch.device | None = None, **model_options: Any) -> None:
         if max_training_points < 1:
             raise ValueError(f"max_training_points must be >= 1, got {max_training_points}")
         self.max_training_points = max_training_points
+        super().__init__(train_config, device, **model_options)
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images)  # (B, C) pooled vectors
@@ -113,3 +105,12 @@ class DfkdeTrainer(FeatureBankTrainer):
             keep = torch.randperm(embeddings.shape[0], generator=generator)[:self.max_training_points]
             embeddings = embeddings[keep.sort().values]
         self.model.fit(embeddings.to(self.device))
+
+
+VARIANTS = {
+    "dfkde": ModelVariant(
+        trainer=DfkdeTrainer, family="memory",
+        train={"num_epochs": 1, "batch_size": 8, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64},
+    ),
+}

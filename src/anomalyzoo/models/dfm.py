@@ -32,7 +32,8 @@ from torch import nn
 
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.pca import PCA
-from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer
+from anomalyzoo.models.components.variants import ModelVariant
 
 SCORE_TYPES = ("fre", "nll")
 
@@ -116,24 +117,19 @@ class DfmTrainer(FeatureBankTrainer):
     fitted at the end of the epoch (no gradients, no optimiser). ``score_type="nll"`` is
     image-level only (no anomaly map, pixel metrics are None)."""
 
-    def __init__(
-        self,
-        backbone: str = "resnet50",
-        layer: str = "layer3",
-        pooling_kernel_size: int = 4,
-        pca_level: float = 0.97,
-        score_type: str = "fre",
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        model = DfmModel(backbone, layer, pooling_kernel_size, pca_level, score_type, pretrained,
-                         input_normalized=train_config.normalize)
-        super().__init__(model, train_config, device)
+    model_class = DfmModel
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images).flatten(1)  # (B, C * h * w) per-image vectors
 
     def fit_features(self, features: torch.Tensor) -> None:
         self.model.fit(features.to(self.device))
+
+
+VARIANTS = {
+    "dfm": ModelVariant(
+        trainer=DfmTrainer, family="adaptation",
+        train={"num_epochs": 1, "batch_size": 16, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64},
+    ),
+}

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor, dryrun_find_featuremap_dims
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import BaseTrainer
+from anomalyzoo.models.components.variants import ModelVariant
 
 
 class TiedAutoencoder(nn.Module):
@@ -122,21 +123,7 @@ class FreModel(nn.Module):
 class FreTrainer(BaseTrainer):
     """Fits the tied autoencoder to the pooled features of normal images."""
 
-    def __init__(
-        self,
-        backbone: str = "resnet50",
-        layer: str = "layer3",
-        pooling_kernel_size: int = 2,
-        latent_dim: int = 220,
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        size = (train_config.img_size, train_config.img_size)
-        model = FreModel(backbone, layer, size, pooling_kernel_size, latent_dim, pretrained,
-                         input_normalized=train_config.normalize)
-        super().__init__(model, train_config, device)
+    model_class = FreModel
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         """Adam, lr 1e-3, on the autoencoder only (anomalib's default); no schedule."""
@@ -145,3 +132,12 @@ class FreTrainer(BaseTrainer):
     def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         features, reconstruction = self.model.reconstruct(batch["image"])
         return {"loss": F.mse_loss(reconstruction, features)}
+
+
+VARIANTS = {
+    "fre": ModelVariant(
+        trainer=FreTrainer, family="distillation",
+        train={"num_epochs": 50, "batch_size": 16, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64, "num_epochs": 1, "batch_size": 4},
+    ),
+}

@@ -26,7 +26,8 @@ from torch import nn
 from anomalyzoo.models.components.blur import GaussianBlur2d
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.multi_variate_gaussian import MultiVariateGaussian
-from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer
+from anomalyzoo.models.components.variants import ModelVariant
 
 
 def default_num_features(total_channels: int) -> int:
@@ -79,21 +80,19 @@ class PadimModel(nn.Module):
 class PadimTrainer(FeatureBankTrainer):
     """Collects embeddings of the normal images in one pass, then fits the Gaussians."""
 
-    def __init__(
-        self,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        n_features: int | None = None,
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        model = PadimModel(backbone, layers, n_features, pretrained, train_config.normalize, seed=train_config.seed)
-        super().__init__(model, train_config, device)
+    model_class = PadimModel
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images).flatten(2)  # (B, d, h * w)
 
     def fit_features(self, features: torch.Tensor) -> None:
         self.model.gaussian.fit(features.to(self.device))
+
+
+VARIANTS = {
+    "padim": ModelVariant(
+        trainer=PadimTrainer, family="memory",
+        train={"num_epochs": 1, "batch_size": 4, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64},
+    ),
+}

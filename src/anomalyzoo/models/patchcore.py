@@ -28,7 +28,8 @@ from anomalyzoo.models.components.blur import GaussianBlur2d
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.k_center_greedy import k_center_greedy
 from anomalyzoo.models.components.nearest_neighbors import nearest_neighbors
-from anomalyzoo.models.components.trainer import FeatureBankTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import FeatureBankTrainer
+from anomalyzoo.models.components.variants import ModelVariant
 
 
 class PatchcoreModel(nn.Module):
@@ -36,13 +37,21 @@ class PatchcoreModel(nn.Module):
         self,
         backbone: str = "wide_resnet50_2",
         layers: Sequence[str] = ("layer2", "layer3"),
+        coreset_ratio: float = 0.1,
         num_neighbors: int = 9,
+        projection_dim: int = 128,
         pretrained: bool = True,
         input_normalized: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 < coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.layers = list(layers)
+        self.coreset_ratio = coreset_ratio
         self.num_neighbors = num_neighbors
+        self.projection_dim = projection_dim
+        self.seed = seed
         self.feature_extractor = TimmFeatureExtractor(backbone, self.layers, pretrained=pretrained, input_normalized=input_normalized)
         self.feature_pooler = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.blur = GaussianBlur2d(sigma=4.0)
@@ -59,6 +68,13 @@ class PatchcoreModel(nn.Module):
     @staticmethod
     def flatten(embedding: torch.Tensor) -> torch.Tensor:
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+
+    def subsample_embedding(self, features: torch.Tensor, progress: bool = False) -> None:
+        """The memory bank: a greedy k-center coreset of ``coreset_ratio`` of all training patch
+        features (N, D) (sec. 3.2, Algorithm 1), selected on a seeded random projection."""
+        coreset_size = max(1, int(round(self.coreset_ratio * features.shape[0])))
+        indices = k_center_greedy(features, coreset_size, self.projection_dim, seed=self.seed, progress=progress)
+        self.memory_bank = features[indices].to(self.memory_bank.device)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.memory_bank.numel() == 0:
@@ -89,33 +105,22 @@ class PatchcoreModel(nn.Module):
 
 
 class PatchcoreTrainer(FeatureBankTrainer):
-    """One pass over the training images collects patch features; the coreset is chosen at the
-    end of the epoch (no gradients, no optimiser)."""
+    """One pass over the training images collects patch features; the model chooses its coreset
+    at the end of the epoch (no gradients, no optimiser)."""
 
-    def __init__(
-        self,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        coreset_ratio: float = 0.1,
-        num_neighbors: int = 9,
-        projection_dim: int = 128,
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        model = PatchcoreModel(backbone, layers, num_neighbors, pretrained, input_normalized=train_config.normalize)
-        super().__init__(model, train_config, device)
-        if not 0.0 < coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
+    model_class = PatchcoreModel
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return PatchcoreModel.flatten(self.model.embed(images))  # (B * h * w, D) patch features
 
     def fit_features(self, features: torch.Tensor) -> None:
-        coreset_size = max(1, int(round(self.coreset_ratio * features.shape[0])))
-        indices = k_center_greedy(features, coreset_size, self.projection_dim, seed=self.train_config.seed,
-                                  progress=self.train_config.progress)
-        self.model.memory_bank = features[indices].to(self.device)
+        self.model.subsample_embedding(features, progress=self.train_config.progress)
+
+
+VARIANTS = {
+    "patchcore": ModelVariant(
+        trainer=PatchcoreTrainer, family="memory",
+        train={"num_epochs": 1, "batch_size": 8, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64},
+    ),
+}

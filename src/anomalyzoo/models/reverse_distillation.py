@@ -52,7 +52,8 @@ from anomalyzoo.models.components.resnet_decoder import (
     init_resnet_weights,
     resnet_layout,
 )
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig
+from anomalyzoo.models.components.variants import ModelVariant
 
 ANOMALY_MAP_MODES = ("add", "multiply")
 
@@ -174,20 +175,12 @@ class ReverseDistillationModel(nn.Module):
 class ReverseDistillationTrainer(BaseTrainer):
     """Trains OCBE + decoder to reproduce the frozen encoder's features on normal images (eq. 2)."""
 
-    def __init__(
-        self,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        anomaly_map_mode: str = "add",
-        learning_rate: float = 0.005,
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        model = ReverseDistillationModel(backbone, layers, anomaly_map_mode, pretrained, input_normalized=train_config.normalize)
+    model_class = ReverseDistillationModel
+
+    def __init__(self, *, learning_rate: float = 0.005, train_config: TrainConfig | dict[str, Any] | None = None,
+                 device: str | torch.device | None = None, **model_options: Any) -> None:
         self.learning_rate = learning_rate
-        super().__init__(model, train_config, device)
+        super().__init__(train_config, device, **model_options)
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         """Sec. 4.1: Adam, lr 0.005, betas (0.5, 0.999), over OCBE and decoder only."""
@@ -197,3 +190,13 @@ class ReverseDistillationTrainer(BaseTrainer):
     def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         encoder_features, decoder_features = self.model.encode_decode(batch["image"])
         return {"loss": distillation_loss(encoder_features, decoder_features)}
+
+
+VARIANTS = {
+    "reverse-distillation": ModelVariant(
+        trainer=ReverseDistillationTrainer, family="distillation",
+        train={"num_epochs": 50, "batch_size": 8, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64, "num_epochs": 1, "batch_size": 4},
+        paper={"num_epochs": 200, "batch_size": 16},  # RD4AD main.py
+    ),
+}

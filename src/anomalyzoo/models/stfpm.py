@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
-from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, as_train_config
+from anomalyzoo.models.components.trainer import BaseTrainer
+from anomalyzoo.models.components.variants import ModelVariant
 
 
 def normalized_squared_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -102,17 +103,7 @@ class StfpmModel(nn.Module):
 class StfpmTrainer(BaseTrainer):
     """Trains the student to match the frozen teacher on normal images."""
 
-    def __init__(
-        self,
-        backbone: str = "resnet50",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        pretrained: bool = True,
-        train_config: TrainConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        train_config = as_train_config(train_config)
-        model = StfpmModel(backbone, layers, pretrained, input_normalized=train_config.normalize)
-        super().__init__(model, train_config, device)
+    model_class = StfpmModel
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         """Sec. 4.1: SGD(lr 0.4, momentum 0.9, weight decay 1e-4) on the student, no schedule."""
@@ -121,3 +112,13 @@ class StfpmTrainer(BaseTrainer):
     def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         teacher_features, student_features = self.model.features(batch["image"])
         return {"loss": stfpm_loss(teacher_features, student_features)}
+
+
+VARIANTS = {
+    "stfpm": ModelVariant(
+        trainer=StfpmTrainer, family="distillation",
+        train={"num_epochs": 50, "batch_size": 16, "img_size": 256, "normalize": True},  # SPEC sec. 7
+        tiny={"backbone": "resnet18", "pretrained": False, "img_size": 64, "num_epochs": 1, "batch_size": 4},
+        paper={"num_epochs": 100, "batch_size": 32},  # gdwang08/STFPM main.py defaults, sec. 4.1
+    ),
+}

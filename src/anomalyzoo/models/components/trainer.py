@@ -8,26 +8,33 @@ validation, early stopping, checkpoints, resuming, results and figures -- lives 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.metadata
+import inspect
 import math
 import os
 import platform
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
+import torchvision
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomalyzoo.metrics.normalization import NormalStatistics, normal_statistics
+from anomalyzoo.metrics.predictions import Predictions
 from anomalyzoo.models.components.dynamic_buffer import resize_buffers_to_state_dict
+from anomalyzoo.report.run import save_run_histogram, save_run_maps, write_run_results
 
 CHECKPOINT_FORMAT = "anomalyzoo-checkpoint-v1"
 
@@ -53,6 +60,7 @@ class TrainConfig:
     validate_every: int = 0  # epochs between validations; 0: once, after the last epoch
     early_stopping_monitor: str | None = None  # "val_loss" or "val_score" (see VALIDATION_METRICS)
     early_stopping_patience: int = 5
+    gradient_clip_norm: float | None = None  # clip the global gradient norm before each step
     threshold_percentile: float = 99.0  # the label-free threshold: this percentile of held-out normal scores
     progress: bool = True
 
@@ -71,29 +79,6 @@ TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 # ``val_loss`` is the training objective on them (models with a loss), ``val_score`` their mean
 # anomaly score (any model; lower is better, as the STFPM authors' validation does).
 VALIDATION_METRICS = ("val_loss", "val_score")
-
-
-def as_train_config(train_config: TrainConfig | dict[str, Any] | None) -> TrainConfig:
-    if isinstance(train_config, dict):
-        return TrainConfig.from_dict(train_config)
-    return train_config or TrainConfig()
-
-
-@dataclass
-class Predictions:
-    """Everything evaluation produces, as numpy arrays on the CPU."""
-
-    scores: np.ndarray  # (N,)
-    labels: np.ndarray  # (N,) 0 normal, 1 anomalous
-    anomaly_maps: np.ndarray | None  # (N, H, W) float32, None for image-level models
-    masks: np.ndarray | None  # (N, H, W) uint8, None when the dataset has no masks
-    paths: list[str] = field(default_factory=list)
-    defect_types: list[str] = field(default_factory=list)
-    model_seconds: float = 0.0  # time spent in validation_step (the model), not in loading
-
-    @property
-    def ms_per_image(self) -> float:
-        return 1000.0 * self.model_seconds / max(len(self.scores), 1)
 
 
 class EarlyStopper:
@@ -133,19 +118,21 @@ class EarlyStopper:
 
 
 def library_versions() -> dict[str, str]:
-    import timm
-    import torchvision
-
-    from anomalyzoo import __version__
-
     return {
-        "anomalyzoo": __version__,
+        "anomalyzoo": package_version("anomalyzoo"),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
         "timm": timm.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -169,23 +156,62 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Model constructor arguments that come from the training configuration, never from the user:
+# the trainer fills them in (how the loader normalises images, the image size, the seed).
+RUNTIME_ARGUMENTS = ("input_normalized", "input_size", "seed")
+_NOT_OPTIONS = frozenset({"self", "train_config", "device", "model_options"})
+
+
+def signature_defaults(function: Any, skip: frozenset[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keyword arguments of ``function`` and their defaults (``inspect.Parameter.empty`` where
+    there is none), in signature order, without ``*args``/``**kwargs`` and ``skip``."""
+    parameters = inspect.signature(function).parameters.values()
+    # sequences are written as tuples in signatures (immutable defaults) and used as lists
+    return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in parameters
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in _NOT_OPTIONS and p.name not in skip}
+
+
 class BaseTrainer:
-    """Owns a model, its optimiser and the loop. Subclasses override ``train_step``."""
+    """Owns a model, its optimiser and the loop. Subclasses set ``model_class`` and override
+    ``training_loss`` (or ``train_step``).
+
+    One home for defaults: the model's options and their defaults are the signature of
+    ``model_class.__init__``; a trainer's own options (a learning rate, a data folder) are the
+    keyword arguments of its ``__init__``. Every other keyword argument is passed to the model.
+    ``model_config`` records the whole resolved configuration, so a checkpoint rebuilds exactly
+    this trainer whatever built it (registry or direct call).
+    """
+
+    model_class: type[nn.Module]
+    # training defaults the method itself requires (EfficientAD: one image per step), applied
+    # under whatever a direct caller gives; the registry's rows hold the spec's other defaults
+    train_defaults: dict[str, Any] = {}
+    scheduler_interval = "epoch"  # when scheduler.step() runs: after each "epoch" or each "step"
 
     def __init__(
         self,
-        model: nn.Module,
         train_config: TrainConfig | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
+        **model_options: Any,
     ) -> None:
-        self.train_config = as_train_config(train_config)
+        if not isinstance(train_config, TrainConfig):
+            train_config = TrainConfig.from_dict({**self.train_defaults, **(train_config or {})})
+        self.train_config = train_config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device)
+        self.check_options(model_options)
+        model_defaults = self.model_option_defaults()
+        resolved = {name: model_options.get(name, default) for name, default in model_defaults.items()}
+        missing = [name for name, value in resolved.items() if value is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"{type(self).__name__} needs the model option(s) {missing}")
+        self.model = self.build_model(**resolved).to(self.device)
         self.model_type: str = type(self).__name__.removesuffix("Trainer").lower()
-        self.model_config: dict[str, Any] = {}
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.model_options: dict[str, Any] = copy.deepcopy(resolved)
+        self.optimizer: torch.optim.Optimizer | None = None  # built when fitting starts
         self.scheduler: Any = None
-        self.optimizer, self.scheduler = self.configure_optimizers()
+        self.total_steps = 0  # optimisation steps the current fit plans (step-based schedules use it)
+        self.train_loader: DataLoader | None = None
+        self.valid_loader: DataLoader | None = None
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimisation steps (batches) completed
         self.dataset_dir: Path | None = None  # the run's DATASET_DIR: auxiliary data (imagenette2/, dtd/) lives there
@@ -201,10 +227,64 @@ class BaseTrainer:
         if self.train_config.early_stopping_monitor:
             self.early_stopper = EarlyStopper(self.train_config.early_stopping_monitor, self.train_config.early_stopping_patience)
 
+    # ----------------------------------------------------------------- options
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """Everything this trainer was built with: the model's options and the trainer's own
+        (read from the attributes of the same names), as a checkpoint stores them."""
+        own = {name: getattr(self, name, default) for name, default in self.trainer_option_defaults().items()}
+        return {**copy.deepcopy(self.model_options), **own}
+
+    @classmethod
+    def model_option_defaults(cls) -> dict[str, Any]:
+        """The model's options: ``model_class.__init__``'s keyword arguments and defaults."""
+        return signature_defaults(cls.model_class.__init__, skip=RUNTIME_ARGUMENTS)
+
+    @classmethod
+    def trainer_option_defaults(cls) -> dict[str, Any]:
+        """The trainer's own options: its ``__init__``'s keyword arguments and defaults."""
+        return signature_defaults(cls.__init__)
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every option of this trainer and its model, with its default: the single home of
+        defaults that the registry, ``anomalyzoo list`` and the contract test read."""
+        return {**cls.model_option_defaults(), **cls.trainer_option_defaults()}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Unknown option names are an error that lists the valid ones (before anything is built)."""
+        valid = cls.option_defaults()
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"{cls.__name__} does not accept the option(s) {unknown}; valid options: {sorted(valid)}")
+
+    def runtime_arguments(self) -> dict[str, Any]:
+        """Values of the model's :data:`RUNTIME_ARGUMENTS` that its signature asks for."""
+        values = {"input_normalized": self.train_config.normalize,
+                  "input_size": (self.train_config.img_size, self.train_config.img_size),
+                  "seed": self.train_config.seed}
+        wanted = inspect.signature(self.model_class.__init__).parameters
+        return {name: value for name, value in values.items() if name in wanted}
+
+    def build_model(self, **model_options: Any) -> nn.Module:
+        return self.model_class(**model_options, **self.runtime_arguments())
+
     # ----------------------------------------------------------------- to override
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer | None, Any]:
-        """(optimizer, scheduler); memory-bank models have neither."""
+        """(optimizer, scheduler); memory-bank models have neither. Called when fitting starts
+        (``self.total_steps`` is known then, for step-based schedules)."""
         return None, None
+
+    @property
+    def uses_optimizer(self) -> bool:
+        """Whether the model is trained by gradient steps (and so writes per-epoch checkpoints)."""
+        return type(self).configure_optimizers is not BaseTrainer.configure_optimizers
+
+    def setup_optimization(self) -> None:
+        """Build the optimiser and scheduler once (at the first fit, or to load a checkpoint's state)."""
+        if self.optimizer is None and self.uses_optimizer:
+            self.optimizer, self.scheduler = self.configure_optimizers()
 
     def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The model's objective on a batch: ``{"loss": total, <term>: value, ...}``. Models with
@@ -267,11 +347,16 @@ class BaseTrainer:
 
     # ----------------------------------------------------------------- helpers
     def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """zero_grad, backward, step: the common body of a gradient train_step."""
+        """zero_grad, backward, clip (``gradient_clip_norm``), step: the body of a gradient train_step."""
+        self.setup_optimization()
         optimizer = optimizer or self.optimizer
-        assert optimizer is not None, "optimize() needs an optimizer from configure_optimizers()"
+        if optimizer is None:
+            raise RuntimeError(f"{type(self).__name__} has no optimizer: define configure_optimizers()")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.train_config.gradient_clip_norm is not None:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, self.train_config.gradient_clip_norm)
         optimizer.step()
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -290,9 +375,12 @@ class BaseTrainer:
         With ``checkpoint_dir`` the last state is written after every epoch (``last.pth``) and the
         best by the early-stopping monitor to ``best.pth``.
         """
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.total_steps = self.planned_steps(train_loader, num_epochs)
         num_epochs = self.planned_epochs(train_loader, num_epochs)
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.check_validation_options(valid_loader)
+        self.setup_optimization()
         self.on_fit_start()
         for epoch in range(self.epoch, num_epochs):
             self.on_epoch_start(epoch)
@@ -334,11 +422,13 @@ class BaseTrainer:
             logs = self.train_step(self.to_device(batch)) or {}
             steps += 1
             self.global_step += 1
+            if self.scheduler is not None and self.scheduler_interval == "step":
+                self.scheduler.step()
             for key, value in logs.items():
                 totals[key] += float(value)
             if logs:
                 bar.set_postfix({k: f"{v / steps:.4g}" for k, v in totals.items()})
-        if self.scheduler is not None:
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
         self.on_train_end()
         return {key: value / max(steps, 1) for key, value in totals.items()}
@@ -471,6 +561,8 @@ class BaseTrainer:
         resize_buffers_to_state_dict(self.model, state)
         self.model.load_state_dict(state)
         self.model.to(self.device)
+        if checkpoint.get("optimizer_state"):
+            self.setup_optimization()
         if self.optimizer is not None and checkpoint.get("optimizer_state"):
             self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.scheduler is not None and checkpoint.get("scheduler_state"):
@@ -493,41 +585,17 @@ class BaseTrainer:
 
     # ----------------------------------------------------------------- reports
     def save_results(self, path: str | Path, metrics: dict[str, Any], predictions: Predictions, header: dict[str, Any]) -> Path:
-        from anomalyzoo.metrics import threshold_analysis
-        from anomalyzoo.report import write_thresholds_report
-
-        rows = threshold_analysis(predictions.labels, predictions.scores, extra=self.thresholds)
-        used = f"{self.threshold_source} = {self.threshold:.6g}" if self.threshold is not None else "none"
-        return write_thresholds_report(path, metrics, rows, header, predict_threshold=used)
+        """``results_..._thresholds.txt``: header, metrics and every threshold candidate."""
+        return write_run_results(path, metrics, predictions, self.thresholds, header, self.threshold_source, self.threshold)
 
     def save_histogram(self, path: str | Path, predictions: Predictions, title: str = "") -> Path:
-        from anomalyzoo.metrics import threshold_analysis
-        from anomalyzoo.report import save_histogram
+        """``histogram_..._scores.png``: normal vs anomalous scores with the thresholds marked."""
+        return save_run_histogram(path, predictions, self.thresholds, title)
 
-        rows = threshold_analysis(predictions.labels, predictions.scores, extra=self.thresholds)
-        thresholds = {row.name: row.threshold for row in rows}
-        return save_histogram(path, predictions.scores, predictions.labels, thresholds, title=title)
-
-    def save_maps(self, output_dir: str | Path, prefix: str, predictions: Predictions, images: list[np.ndarray], max_per_class: int = 5) -> list[Path]:
-        """``{prefix}_normal_0001.png``, ``{prefix}_anomaly_0001.png``, ... for the first images of
-        each class. ``images`` are the matching uint8 (H, W, 3) inputs."""
-        from anomalyzoo.report import save_anomaly_map_figure
-
-        if predictions.anomaly_maps is None:
-            return []
-        output_dir = Path(output_dir)
-        vmin, vmax = self.map_range if self.map_range is not None else (None, None)
-        written: list[Path] = []
-        for label, name in ((0, "normal"), (1, "anomaly")):
-            indices = np.flatnonzero(predictions.labels == label)[:max_per_class]
-            for number, index in enumerate(indices, start=1):
-                mask = predictions.masks[index] if predictions.masks is not None and label == 1 else None
-                written.append(save_anomaly_map_figure(
-                    output_dir / f"{prefix}_{name}_{number:04d}.png", images[index], predictions.anomaly_maps[index],
-                    mask, float(predictions.scores[index]), threshold=self.threshold, vmin=vmin, vmax=vmax,
-                    title=Path(predictions.paths[index]).name,
-                ))
-        return written
+    def save_maps(self, output_dir: str | Path, prefix: str, predictions: Predictions, images: list[np.ndarray],
+                  max_per_class: int = 5) -> list[Path]:
+        """``{prefix}_normal_0001.png``, ``{prefix}_anomaly_0001.png``, ... (image, map, overlay, mask)."""
+        return save_run_maps(output_dir, prefix, predictions, images, self.threshold, self.map_range, max_per_class)
 
 
 class FeatureBankTrainer(BaseTrainer):
@@ -535,9 +603,9 @@ class FeatureBankTrainer(BaseTrainer):
     normal images collects features without gradients, and the model is fitted on all of them at
     the end of the epoch. Subclasses say what to collect and how to fit."""
 
-    def __init__(self, model: nn.Module, train_config: TrainConfig | dict[str, Any] | None = None,
-                 device: str | torch.device | None = None) -> None:
-        super().__init__(model, train_config, device)
+    def __init__(self, train_config: TrainConfig | dict[str, Any] | None = None,
+                 device: str | torch.device | None = None, **model_options: Any) -> None:
+        super().__init__(train_config, device, **model_options)
         self.collected: list[torch.Tensor] = []
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
