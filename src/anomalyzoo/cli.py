@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one or more models on one or more categories")
-    train.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "custom"])
+    train.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "custom", "folder"])
     train.add_argument("--category", required=True, nargs="+", help="category (custom: <dataset>/<category>)")
     train.add_argument("--model", required=True, nargs="+", help="registry name(s); see `anomalyzoo list`")
     train.add_argument("--num-epochs", type=int)
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other training or model option, e.g. --set coreset_ratio=0.01")
     train.add_argument("--device")
+    train.add_argument("--normal-dir", help="folder dataset: the normal images")
+    train.add_argument("--abnormal-dir", nargs="+", help="folder dataset: folder(s) of defective images")
+    train.add_argument("--mask-dir", help="folder dataset: masks paired by file stem (optionally '_mask')")
+    train.add_argument("--normal-test-dir", help="folder dataset: normal test images (else a seeded split)")
     train.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     add_global_options(train)
@@ -59,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="score images with a saved model")
     predict.add_argument("--checkpoint", required=True)
-    predict.add_argument("images", nargs="+")
-    predict.add_argument("--output-dir", default="predictions")
+    predict.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    predict.add_argument("--output-dir", default="predictions",
+                         help="where maps and scores.csv go (an existing one is kept: a new '-N' folder is used)")
+    predict.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
+    predict.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     predict.add_argument("--device")
     predict.add_argument("--threshold", default="normal",
                          help="'normal' (label-free, from held-out normal training images; default), "
@@ -87,7 +94,9 @@ def command_train(args: argparse.Namespace) -> int:
                 seed=args.seed, num_workers=args.num_workers)
     overrides: dict[str, Any] = {"num_epochs": args.num_epochs, "batch_size": args.batch_size, "img_size": args.img_size,
                                  "normalize": args.normalize, "backbone": args.backbone, "layers": args.layers,
-                                 "device": args.device, "overwrite": args.overwrite, "resume": args.resume}
+                                 "device": args.device, "overwrite": args.overwrite, "resume": args.resume,
+                                 "normal_dir": args.normal_dir, "abnormal_dir": args.abnormal_dir, "mask_dir": args.mask_dir,
+                                 "normal_test_dir": args.normal_test_dir}
     for item in args.set:
         key, separator, value = item.partition("=")
         if not separator:
@@ -130,13 +139,18 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    from anomalyzoo.predict import predict_images
+    from pathlib import Path
 
-    rows = predict_images(args.checkpoint, args.images, args.output_dir, device=args.device, threshold=args.threshold)
+    from anomalyzoo.predict import free_output_dir, predict_images
+
+    output_dir = free_output_dir(Path(args.output_dir), args.overwrite)
+    rows = predict_images(args.checkpoint, args.images, output_dir, device=args.device, threshold=args.threshold,
+                          overwrite=True, strict=args.strict)
     for row in rows:
-        print(f"{row['score']:.4f}  {row['verdict'] or '-':<10} {row['path']}")
-    print(f"Scores and anomaly maps written to {args.output_dir}")
-    return 0
+        print(f"{row['score']:.4f}  {row['verdict'] or '-':<10} {row['path']}" + (f"  ({row['error']})" if row["error"] else ""))
+    failed = sum(1 for row in rows if row["error"])
+    print(f"Scores and anomaly maps written to {output_dir}" + (f"; {failed} image(s) could not be read" if failed else ""))
+    return 1 if failed else 0
 
 
 def command_distill_teacher(args: argparse.Namespace) -> int:
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "distill-teacher":
             return command_distill_teacher(args)
         return command_predict(args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
+    except (KeyError, ValueError, OSError, TypeError) as error:
         print(f"anomalyzoo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from anomalyzoo.data.transforms import denormalize, image_to_tensor, load_rgb_image
+from anomalyzoo.data.images import find_images
+from anomalyzoo.data.transforms import IMAGE_EXTENSIONS, ImageReadError, denormalize, image_to_tensor, load_rgb_image
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, read_checkpoint
 from anomalyzoo.registry import ModelRegistry
 from anomalyzoo.report import save_anomaly_map_figure
@@ -58,6 +60,41 @@ def choose_threshold(trainer: BaseTrainer, threshold: str | float = "normal") ->
     return trainer.threshold, trainer.threshold_source or "none"
 
 
+def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(image file, output stem) for every input: a file as it is, a folder searched recursively.
+    The stem mirrors where the image came from (``<folder name>/<relative path>`` for folders, the
+    file name for files) and is made unique, so that two ``000.png`` from different folders never
+    write the same map."""
+    pairs: list[tuple[Path, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = find_images(item)
+            if not files:
+                raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under folder {item}")
+            pairs += [(path, Path(item.resolve().name) / path.relative_to(item).with_suffix("")) for path in files]
+        elif item.is_file():
+            pairs.append((item, Path(item.stem)))
+        else:
+            raise FileNotFoundError(f"{item} is neither an image file nor a folder")
+    seen: dict[Path, int] = {}
+    unique: list[tuple[Path, Path]] = []
+    for path, stem in pairs:
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        unique.append((path, stem if count == 1 else stem.with_name(f"{stem.name}-{count}")))
+    return unique
+
+
+def free_output_dir(output_dir: Path, overwrite: bool) -> Path:
+    """``output_dir`` when new, empty or ``overwrite``; else the first free ``output_dir-N``."""
+    if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+        return output_dir
+    number = 2
+    while (candidate := output_dir.with_name(f"{output_dir.name}-{number}")).exists():
+        number += 1
+    return candidate
+
+
 def predict_images(
     checkpoint_path: str | Path,
     image_paths: Sequence[str | Path],
@@ -65,43 +102,72 @@ def predict_images(
     device: str | None = None,
     batch_size: int = 8,
     threshold: str | float = "normal",
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Score each image; write ``<stem>_anomaly_map.png`` (figure), ``<stem>_anomaly_map.npy``
-    and ``scores.csv`` (path, score, normalized score, verdict, threshold) to ``output_dir``.
+    """Score every image of ``image_paths`` (files, or folders searched recursively); write
+    ``<stem>_anomaly_map.png`` (figure) and ``.npy`` mirroring the inputs' relative paths, and
+    ``scores.csv`` (path, score, normalized score, verdict, threshold, map, error).
 
-    ``normalized_score`` is 0.5 at the label-free threshold for every model (see
-    ``metrics.normalization``); it is empty for checkpoints trained without a validation split."""
+    An existing, non-empty ``output_dir`` is never written into unless ``overwrite``: the results
+    go to ``output_dir-2`` (``-3``, ...), named in each row's ``map`` and printed by the CLI. An
+    image that cannot be read gets a row with its error and the rest are scored; ``strict`` raises
+    on the first instead. ``normalized_score`` is 0.5 at the label-free threshold for every model
+    (see ``metrics.normalization``); it is empty for checkpoints trained without a validation split."""
     trainer = load_trainer(checkpoint_path, device)
     threshold_value, threshold_name = choose_threshold(trainer, threshold)
     config = trainer.train_config
-    output_dir = Path(output_dir)
+    inputs = expand_inputs(image_paths)
+    output_dir = free_output_dir(Path(output_dir), overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = trainer.map_range if trainer.map_range is not None else (None, None)
     rows: list[dict[str, Any]] = []
-    paths = [Path(p) for p in image_paths]
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = torch.stack([image_to_tensor(load_rgb_image(p), config.img_size, config.normalize) for p in chunk])
-        output = trainer.predict(images)
+    bar = tqdm(total=len(inputs), desc="predict", disable=not progress or len(inputs) < 2, dynamic_ncols=True)
+    for start in range(0, len(inputs), batch_size):
+        chunk, images = [], []
+        for path, stem in inputs[start:start + batch_size]:
+            try:
+                images.append(image_to_tensor(load_rgb_image(path), config.img_size, config.normalize))
+                chunk.append((path, stem))
+            except ImageReadError as error:
+                if strict:
+                    raise
+                rows.append(unreadable_row(path, error, threshold_value, threshold_name))
+        bar.update(len(inputs[start:start + batch_size]))
+        if not chunk:
+            continue
+        batch = torch.stack(images)
+        output = trainer.predict(batch)
         scores = output["pred_score"].float().cpu().numpy()
         maps = output.get("anomaly_map")
         maps = maps.float().cpu().numpy() if maps is not None else None
-        for i, path in enumerate(chunk):
+        for i, (path, stem) in enumerate(chunk):
             score = float(scores[i])
             verdict = "" if threshold_value is None else ("anomalous" if score >= threshold_value else "normal")
             normalized = "" if trainer.normal_statistics is None else float(trainer.normal_statistics.normalize_scores(score))
             row: dict[str, Any] = {"path": str(path), "score": score, "normalized_score": normalized, "verdict": verdict,
-                                   "threshold": threshold_value, "threshold_name": threshold_name, "map": ""}
+                                   "threshold": threshold_value, "threshold_name": threshold_name, "map": "", "error": ""}
             if maps is not None:
-                np.save(output_dir / f"{path.stem}_anomaly_map.npy", maps[i].astype(np.float32))
+                target = output_dir / stem.parent / f"{stem.name}_anomaly_map"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                np.save(target.with_suffix(".npy"), maps[i].astype(np.float32))
                 figure = save_anomaly_map_figure(
-                    output_dir / f"{path.stem}_anomaly_map.png", denormalize(images[i], config.normalize), maps[i],
+                    target.with_suffix(".png"), denormalize(batch[i], config.normalize), maps[i],
                     None, score, threshold=threshold_value, vmin=vmin, vmax=vmax, title=path.name,
                 )
                 row["map"] = str(figure)
             rows.append(row)
+    bar.close()
+    order = {path: index for index, (path, _stem) in enumerate(inputs)}
+    rows.sort(key=lambda row: order[Path(row["path"])])
     with open(output_dir / "scores.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["path"])
         writer.writeheader()
         writer.writerows(rows)
     return rows
+
+
+def unreadable_row(path: Path, error: Exception, threshold: float | None, threshold_name: str) -> dict[str, Any]:
+    return {"path": str(path), "score": float("nan"), "normalized_score": "", "verdict": "error",
+            "threshold": threshold, "threshold_name": threshold_name, "map": "", "error": str(error)}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomalyzoo.data import get_dataloaders, split_validation
+from anomalyzoo.data import FOLDER_OPTIONS, get_dataloaders, split_validation
 from anomalyzoo.data.transforms import denormalize
 from anomalyzoo.metrics import compute_metrics, evaluate_threshold
 from anomalyzoo.models.components.trainer import TRAIN_KEYS, BaseTrainer, Predictions, TrainConfig
@@ -169,10 +169,13 @@ def train(
 
     Every argument overrides the registry's default for this run: training keys (num_epochs,
     batch_size, img_size, normalize, seed, validate_every, ...) and model keys (backbone,
-    layers, coreset_ratio, ...). Returns the metrics and run facts (also in metrics.json).
+    layers, coreset_ratio, ...). For ``dataset_type="folder"`` the folders are keywords too
+    (``normal_dir``, ``abnormal_dir``, ``mask_dir``, ``normal_test_dir``, ``normal_split_ratio``)
+    and ``category`` names the run. Returns the metrics and run facts (also in metrics.json).
     """
     ModelRegistry.get(model_type)  # unknown names fail before any work
     overrides = {"num_epochs": num_epochs, "batch_size": batch_size, "img_size": img_size, "normalize": normalize, **overrides}
+    folder_options = {key: overrides.pop(key) for key in FOLDER_OPTIONS if key in overrides}
     model_overrides, train_config = split_overrides(model_type, overrides)
     set_seed(train_config.seed)
     settings = get_settings()
@@ -184,6 +187,7 @@ def train(
     train_loader, test_loader = get_dataloaders(
         dataset_type, category, img_size=train_config.img_size, batch_size=train_config.batch_size,
         normalize=train_config.normalize, dataset_dir=dataset_dir, seed=train_config.seed,
+        folder_options=folder_options or None,
     )
     # validation = a seeded share of the *normal training* images; the test split is only read
     # by the final evaluation below

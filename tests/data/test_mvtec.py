@@ -180,7 +180,7 @@ def test_unknown_category_and_type_and_wrong_dataset_dir(tmp_path):
         get_datasets("kolektor", "widget", dataset_dir=tmp_path)
     with pytest.raises(DatasetError, match="must be the folder that contains 'mvtec/'"):
         get_datasets("mvtec", "widget", dataset_dir=tmp_path / "mvtec")
-    assert DATASET_TYPES == ("mvtec", "visa", "btad", "custom")
+    assert DATASET_TYPES == ("mvtec", "visa", "btad", "custom", "folder")
 
 
 def test_dataset_dir_defaults_to_the_setting(tmp_path):

@@ -16,16 +16,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from anomalyzoo.data.base import AnomalyDataset, DatasetError, Sample
 from anomalyzoo.data.btad import btad_samples
 from anomalyzoo.data.custom import custom_samples
+from anomalyzoo.data.folder import FOLDER_OPTIONS, FolderLayout, folder_samples
 from anomalyzoo.data.mvtec import mvtec_samples
 from anomalyzoo.data.transforms import ImageReadError
 from anomalyzoo.data.visa import visa_samples
 from anomalyzoo.settings import get_settings
 
-DATASET_TYPES = ("mvtec", "visa", "btad", "custom")
-_HAS_MASKS = {"mvtec": True, "visa": True, "btad": True, "custom": False}
+DATASET_TYPES = ("mvtec", "visa", "btad", "custom", "folder")
+_HAS_MASKS = {"mvtec": True, "visa": True, "btad": True, "custom": False, "folder": True}
 
 __all__ = [
     "DATASET_TYPES",
+    "FOLDER_OPTIONS",
     "AnomalyDataset",
     "DatasetError",
     "ImageReadError",
@@ -64,33 +66,43 @@ def get_datasets(
     dataset_dir: str | Path | None = None,
     seed: int | None = None,
     custom_dataset: str | None = None,
+    folder_options: dict | None = None,
 ) -> tuple[AnomalyDataset, AnomalyDataset]:
     """(train, test) datasets of one category, from ``dataset_dir/<dataset_type>/``
-    (``dataset_dir`` defaults to the DATASET_DIR setting; ``seed``, which only the custom
-    train/test split uses, to the SEED setting)."""
+    (``dataset_dir`` defaults to the DATASET_DIR setting; ``seed``, which only the custom and
+    folder train/test splits use, to the SEED setting). For ``dataset_type="folder"`` the folders
+    come from ``folder_options`` (``normal_dir``, ``abnormal_dir``, ``mask_dir``, ``normal_test_dir``,
+    ``normal_split_ratio``; see :mod:`anomalyzoo.data.folder`) and ``category`` only names the run."""
     settings = get_settings()
     if dataset_type not in DATASET_TYPES:
         raise DatasetError(f"Unknown dataset type '{dataset_type}'; expected one of {', '.join(DATASET_TYPES)}.")
     base_dir = Path(dataset_dir if dataset_dir is not None else settings.dataset_dir).expanduser()
+    seed = settings.seed if seed is None else seed
+    if dataset_type == "folder":
+        layout = FolderLayout.from_options(**(folder_options or {}))
+        train, test = (folder_samples(layout, split, seed) for split in ("train", "test"))
+        return _datasets(train, test, img_size, normalize, supports_masks=layout.mask_dir is not None)
     root = base_dir / dataset_type
     if not root.is_dir() and (base_dir / category).is_dir():
         raise DatasetError(
             f"'{root}' does not exist, but '{base_dir / category}' does: dataset_dir must be the folder "
             f"that contains '{dataset_type}/', i.e. '{base_dir.parent}'."
         )
-    seed = settings.seed if seed is None else seed
-
     if dataset_type == "custom":
         dataset, pattern = split_custom_category(category, custom_dataset)
         train, test = (custom_samples(root, dataset, pattern, split, seed=seed) for split in ("train", "test"))
     else:
         find_samples = {"mvtec": mvtec_samples, "visa": visa_samples, "btad": btad_samples}[dataset_type]
         train, test = (find_samples(root, category, split) for split in ("train", "test"))
-    has_masks = _HAS_MASKS[dataset_type]
-    return (
-        AnomalyDataset(train, img_size, normalize, has_masks),
-        AnomalyDataset(test, img_size, normalize, has_masks),
-    )
+    return _datasets(train, test, img_size, normalize, supports_masks=_HAS_MASKS[dataset_type])
+
+
+def _datasets(train: list[Sample], test: list[Sample], img_size: int, normalize: bool,
+              supports_masks: bool) -> tuple[AnomalyDataset, AnomalyDataset]:
+    """A category has masks when its layout supports them and its defective images have them (an
+    MVTec-layout category without ``ground_truth/`` has image-level labels only)."""
+    has_masks = supports_masks and any(s.mask_path is not None for s in test if s.label == 1)
+    return AnomalyDataset(train, img_size, normalize, has_masks), AnomalyDataset(test, img_size, normalize, has_masks)
 
 
 def get_dataloaders(
@@ -106,6 +118,7 @@ def get_dataloaders(
     seed: int | None = None,
     test_batch_size: int | None = None,
     custom_dataset: str | None = None,
+    folder_options: dict | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """(train_loader, test_loader) for one category. The train loader shuffles with a
     generator seeded from ``seed`` (so a run is repeatable) and keeps the last partial batch:
@@ -118,7 +131,7 @@ def get_dataloaders(
     persistent_workers = settings.persistent_workers if persistent_workers is None else persistent_workers
     train_set, test_set = get_datasets(
         dataset_type, category, img_size=img_size, normalize=normalize, dataset_dir=dataset_dir,
-        seed=seed, custom_dataset=custom_dataset,
+        seed=seed, custom_dataset=custom_dataset, folder_options=folder_options,
     )
     options = {
         "num_workers": num_workers,

@@ -4,6 +4,10 @@
     <root>/<category>/test/good/*.png
     <root>/<category>/test/<defect_type>/*.png
     <root>/<category>/ground_truth/<defect_type>/<image stem>_mask.png
+
+A category without any ``ground_truth/`` folder has image-level labels only (common outside the
+benchmark): it trains and evaluates with image metrics, and pixel metrics are None. A
+``ground_truth/`` folder that exists but lacks some masks is an error that lists them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def mvtec_samples(root: Path, category: str, split: str) -> list[Sample]:
     defect_dirs = (
         sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if test_dir.is_dir() else []
     )
+    has_ground_truth = (folder / "ground_truth").is_dir()
     samples: list[Sample] = []
     for defect_dir in defect_dirs:
         # An empty folder is most likely a copy that failed; skipping it would quietly evaluate on less.
@@ -43,12 +48,13 @@ def mvtec_samples(root: Path, category: str, split: str) -> list[Sample]:
         if is_normal:
             samples += [Sample(path, 0, None, NORMAL_DEFECT_TYPE) for path in images]
             continue
-        masks = index_by_stem(folder / "ground_truth" / defect_dir.name)
+        masks = index_by_stem(folder / "ground_truth" / defect_dir.name) if has_ground_truth else {}
         samples += [Sample(path, 1, masks.get(f"{path.stem}_mask"), defect_dir.name) for path in images]
     if not samples:
         raise DatasetError(
             f"No test images in '{test_dir}'; expected subfolders 'good/' and one per defect "
             f"type (e.g. 'scratch/') holding .png/.jpg images."
         )
-    require_masks(samples, f"'{folder / 'ground_truth'}/<defect_type>/<image stem>_mask.png'")
+    if has_ground_truth:
+        require_masks(samples, f"'{folder / 'ground_truth'}/<defect_type>/<image stem>_mask.png'")
     return samples
