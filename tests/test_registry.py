@@ -98,8 +98,8 @@ def test_a_directly_built_trainer_records_its_configuration(tmp_path):
                                          train_config={"img_size": 64}, device="cpu")
     assert trainer.model_config["backbone"] == "resnet18" and trainer.model_config["learning_rate"] == 0.01
     assert trainer.optimizer is None  # built when fitting starts
-    trainer.model_type = "reverse-distillation"
     checkpoint = trainer.save_model(tmp_path / "model.pth")
-    restored = load_trainer(checkpoint, device="cpu")
+    restored = load_trainer(checkpoint, device="cpu")  # no registry name: the recorded class rebuilds it
+    assert type(restored) is ReverseDistillationTrainer
     assert restored.model_config == {**trainer.model_config, "pretrained": False}
     assert restored.learning_rate == 0.01 and restored.model.encoder.backbone_name == "resnet18"

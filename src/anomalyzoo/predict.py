@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,39 @@ from anomalyzoo.report import save_anomaly_map_figure
 def load_trainer(checkpoint_path: str | Path, device: str | None = None) -> BaseTrainer:
     """Rebuild the trainer a checkpoint came from and load its state.
 
-    The backbone is built without pretrained weights (``pretrained=False``): the checkpoint holds
-    every weight, so predicting needs no backbone file and no network.
+    The registry entry named in the checkpoint is used; a trainer built directly (its model type
+    is not a registry name) is rebuilt from the trainer class the checkpoint records, which must
+    live in this package. The backbone is built without pretrained weights (``pretrained=False``):
+    the checkpoint holds every weight, so predicting needs no backbone file and no network.
     """
     checkpoint = read_checkpoint(checkpoint_path)
     model_type = checkpoint["model_type"]
     model_config = dict(checkpoint["model_config"])
+    train_config = TrainConfig.from_dict(checkpoint["train_config"])
+    trainer_class = checkpoint_trainer_class(checkpoint)
     pretrained = model_config.get("pretrained")
-    if "pretrained" in ModelRegistry.get_trainer_class(model_type).option_defaults():
+    if "pretrained" in trainer_class.option_defaults():
         model_config["pretrained"] = False
-    trainer = ModelRegistry.get_trainer(model_type, model_config, TrainConfig.from_dict(checkpoint["train_config"]), device)
+    if ModelRegistry.is_registered(model_type):
+        trainer = ModelRegistry.get_trainer(model_type, model_config, train_config, device)
+    else:
+        trainer = trainer_class(train_config=train_config, device=device, **model_config)
+        trainer.model_type = model_type
     if pretrained is not None:
         trainer.model_options["pretrained"] = pretrained  # record what the run used, not how it was rebuilt
     return trainer.load_model(checkpoint_path)
+
+
+def checkpoint_trainer_class(checkpoint: dict[str, Any]) -> type[BaseTrainer]:
+    """The registry's trainer class for the checkpoint's model type, else the recorded class path
+    (only classes of this package are imported from a checkpoint)."""
+    if ModelRegistry.is_registered(checkpoint["model_type"]):
+        return ModelRegistry.get_trainer_class(checkpoint["model_type"])
+    module_name, _, class_name = str(checkpoint.get("trainer_class", "")).rpartition(".")
+    if not module_name.startswith("anomalyzoo."):
+        raise ValueError(f"checkpoint model '{checkpoint['model_type']}' is not registered and its trainer class "
+                         f"'{checkpoint.get('trainer_class')}' is not part of anomalyzoo")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def choose_threshold(trainer: BaseTrainer, threshold: str | float = "normal") -> tuple[float | None, str]:
