@@ -176,6 +176,8 @@ def train(
     ModelRegistry.get(model_type)  # unknown names fail before any work
     overrides = {"num_epochs": num_epochs, "batch_size": batch_size, "img_size": img_size, "normalize": normalize, **overrides}
     folder_options = {key: overrides.pop(key) for key in FOLDER_OPTIONS if key in overrides}
+    if folder_options and dataset_type != "folder":  # never drop a folder the user named
+        raise ValueError(f"{sorted(folder_options)} apply to dataset_type 'folder', not '{dataset_type}'")
     model_overrides, train_config = split_overrides(model_type, overrides)
     set_seed(train_config.seed)
     settings = get_settings()

@@ -17,7 +17,7 @@ teacher, and the disagreement is the anomaly map.
   1/2 and the *mean* over the images of the batch, the scale their SGD lr 0.4 was tuned for.
   (anomalib sums over the batch with the 1/2, which multiplies the step by batch/2.)
 - Anomaly map (sec. 3.2): per layer the same squared distance at every position, brought to the
-  first layer's grid bilinearly and *multiplied* over the layers (the paper's eq. 4; the
+  first layer's grid bilinearly and *multiplied* over the layers (sec. 3.2; the
   authors' ``test`` multiplies at layer1's 64x64 grid, and anomalib multiplies too), then
   upsampled bilinearly to the input size. The image score is the maximum of the map (sec. 3.2).
 - Optimiser (sec. 4.1): SGD, lr 0.4, momentum 0.9, weight decay 1e-4, over the student only.
