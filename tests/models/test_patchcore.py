@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from anomalyzoo import train
-from anomalyzoo.models.components.k_center_greedy import k_center_greedy
+from anomalyzoo.models.components.k_center_greedy import greedy_coreset, k_center_greedy, projection_matrix
 from anomalyzoo.models.components.nearest_neighbors import nearest_neighbors
 from anomalyzoo.models.patchcore import PatchcoreModel
 from anomalyzoo.predict import load_trainer
@@ -26,6 +26,28 @@ def test_k_center_greedy_matches_the_definition_on_clustered_data():
     assert selected.tolist() == brute_force_k_center(points, 30, int(selected[0]))
     # six well separated clusters: the first six centers hit every cluster once
     assert sorted(int(i) // 50 for i in selected[:6]) == list(range(6))
+
+
+def test_pruned_selection_is_the_exact_greedy_one_with_its_coverage_radius():
+    """Many small blocks and a point bound on 6 of 48 dimensions (so both prunings skip work), a
+    point count that leaves padding slots (37 over a power of two): every pick is the farthest point from
+    the picks before it (in float64, up to float32 rounding between near-equal distances), the
+    picks equal those of the unpruned loop, and the radius returned is the coverage radius."""
+    generator = torch.Generator().manual_seed(5)
+    mixture = torch.randn(12, 200, generator=generator) * 4
+    labels = torch.randint(12, (2048 + 37,), generator=generator)
+    features = mixture[labels] + torch.randn(2048 + 37, 200, generator=generator) * torch.rand(1, 200, generator=generator)
+    selection = greedy_coreset(features, 200, projection_dim=48, seed=7, progress=False, block_size=32, low_dims=6)
+    projected = (features @ projection_matrix(200, 48, torch.Generator().manual_seed(7))).double()
+    picks = selection.indices.tolist()
+    assert len(set(picks)) == 200
+    min_distances = torch.full((len(features),), float("inf"), dtype=torch.float64)
+    for pick in picks:
+        assert min_distances[pick] >= min_distances.max() * (1 - 1e-5)
+        min_distances = torch.minimum(min_distances, (projected - projected[pick]).norm(dim=1))
+    assert selection.coverage_radius == pytest.approx(float(min_distances.max()), rel=1e-4)
+    unpruned = greedy_coreset(features, 200, projection_dim=48, seed=7, progress=False, block_size=len(features), low_dims=48)
+    assert unpruned.indices.tolist() == picks
 
 
 def test_nearest_neighbors_is_exact_across_chunks():

@@ -26,7 +26,7 @@ from torch import nn
 
 from anomalyzoo.models.components.blur import GaussianBlur2d
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
-from anomalyzoo.models.components.k_center_greedy import k_center_greedy
+from anomalyzoo.models.components.k_center_greedy import CoresetSelection, greedy_coreset
 from anomalyzoo.models.components.nearest_neighbors import nearest_neighbors
 from anomalyzoo.models.components.trainer import FeatureBankTrainer
 from anomalyzoo.models.components.variants import ModelVariant
@@ -69,12 +69,13 @@ class PatchcoreModel(nn.Module):
     def flatten(embedding: torch.Tensor) -> torch.Tensor:
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
-    def subsample_embedding(self, features: torch.Tensor, progress: bool = False) -> None:
+    def subsample_embedding(self, features: torch.Tensor, progress: bool = False) -> CoresetSelection:
         """The memory bank: a greedy k-center coreset of ``coreset_ratio`` of all training patch
         features (N, D) (sec. 3.2, Algorithm 1), selected on a seeded random projection."""
         coreset_size = max(1, int(round(self.coreset_ratio * features.shape[0])))
-        indices = k_center_greedy(features, coreset_size, self.projection_dim, seed=self.seed, progress=progress)
-        self.memory_bank = features[indices].to(self.memory_bank.device)
+        selection = greedy_coreset(features, coreset_size, self.projection_dim, seed=self.seed, progress=progress)
+        self.memory_bank = features[selection.indices.to(features.device)].to(self.memory_bank.device)
+        return selection
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.memory_bank.numel() == 0:
@@ -114,7 +115,14 @@ class PatchcoreTrainer(FeatureBankTrainer):
         return PatchcoreModel.flatten(self.model.embed(images))  # (B * h * w, D) patch features
 
     def fit_features(self, features: torch.Tensor) -> None:
-        self.model.subsample_embedding(features, progress=self.train_config.progress)
+        selection = self.model.subsample_embedding(features, progress=self.train_config.progress)
+        self.coreset_note = (f"{len(selection.indices)} of {features.shape[0]} patch features (exact greedy k-center); "
+                             f"coverage radius {selection.coverage_radius:.4g} in the "
+                             f"{min(self.model.projection_dim, features.shape[1])}-d random projection")
+
+    def run_notes(self) -> dict[str, str]:
+        note = getattr(self, "coreset_note", None)
+        return {"coreset": note} if note else {}
 
 
 VARIANTS = {
