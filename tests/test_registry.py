@@ -58,6 +58,9 @@ SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_s
     "reverse-distillation": ({"backbone": "wide_resnet50_2", "layers": ["layer1", "layer2", "layer3"]}, 50, 8, 256, True),
     "efficientad-small": ({"model_size": "small"}, 20, 1, 256, False),
     "efficientad-medium": ({"model_size": "medium"}, 20, 1, 256, False),
+    "draem": ({"sspcab": True}, 10, 8, 256, False),
+    "autoencoder": ({"latent_dim": 128}, 50, 16, 256, False),
+    "ganomaly": ({"n_features": 64, "latent_vec_size": 256}, 20, 8, 256, False),
 }
 
 

@@ -135,6 +135,9 @@ MODEL_MODULES = (
     "anomalyzoo.models.fre",
     "anomalyzoo.models.reverse_distillation",
     "anomalyzoo.models.efficientad",
+    "anomalyzoo.models.autoencoder",
+    "anomalyzoo.models.ganomaly",
+    "anomalyzoo.models.draem",
     "anomalyzoo.models.dfm",
 )
 
