@@ -144,7 +144,7 @@ def test_augmentations_by_hand():
 
 def test_synthesis_blends_inside_the_mask_and_leaves_the_rest(monkeypatch):
     """With the texture augmentation switched off: outside the mask I_a = I; inside
-    I_a = (1 - beta) I + beta A with one beta per image in [0.1, 1.0)."""
+    I_a = (1 - beta) I + beta A with one beta per image in [0.2, 1.0) (the authors' code)."""
     monkeypatch.setattr(perlin, "augment_texture", lambda texture, generator=None: texture)
     synthesis = DraemAnomalySynthesis(normal_rotation_probability=0.0)
     images, textures = torch.full((64, 3, 32, 32), 0.2), torch.ones(64, 3, 32, 32)
@@ -158,7 +158,8 @@ def test_synthesis_blends_inside_the_mask_and_leaves_the_rest(monkeypatch):
             inside = augmented[mask]
             assert torch.allclose(inside, inside[0])  # one opacity per image
             betas.append((float(inside[0]) - 0.2) / 0.8)
-    assert betas and all(0.1 - 1e-6 <= beta < 1.0 for beta in betas)
+    assert betas and all(0.2 - 1e-6 <= beta < 1.0 for beta in betas)
+    assert min(betas) < 0.3  # the whole interval is used
 
 
 def test_half_the_images_stay_normal_and_a_third_rotate():

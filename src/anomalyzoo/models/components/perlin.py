@@ -30,9 +30,9 @@ images. Reproduces the authors' ``perlin.py`` and ``MVTecDRAEMTrainDataset.augme
    ``Affine(rotate=(-45, 45))``                            ``TF.rotate``, bilinear, zeros outside
    ======================================================  ==============================================
 3. Blend (sec. 3.3): ``I_a = (1 - M_a) * I + (1 - beta) (M_a * I) + beta (M_a * A)`` with the
-   opacity ``beta`` uniform in [0.1, 1.0) (the paper's interval; the authors' code draws
-   ``beta_code = 0.8 u`` and weights the texture by ``1 - beta_code``, i.e. an opacity in
-   (0.2, 1.0]; anomalib uses the paper's [0.1, 1.0]).
+   opacity ``beta`` uniform in [0.2, 1.0): the authors' code, which produced the published
+   numbers, draws ``beta_code = 0.8 u`` and weights the texture by ``1 - beta_code``, an opacity
+   uniform in (0.2, 1.0]; the paper's text says [0.1, 1.0] and anomalib follows the text.
 4. Half of the images stay normal (authors: ``no_anomaly > 0.5``): ``I_a = I``, ``M_a = 0``.
    Before all this, 30 % of the normal images are rotated by U(-90, 90) degrees (authors'
    ``transform_image``: ``rand > 0.7``); the rotated image is also the reconstruction target.
@@ -57,7 +57,7 @@ from torchvision.transforms import InterpolationMode
 PERLIN_SCALE_EXPONENTS = (0, 6)  # 2 ** torch.randint(0, 6): lattices of 1..32 cells per axis
 PERLIN_THRESHOLD = 0.5  # data_loader.py: perlin_noise > 0.5
 ROTATION_DEGREES = (-90.0, 90.0)  # data_loader.py: self.rot = iaa.Affine(rotate=(-90, 90)), noise and images
-BETA_RANGE = (0.1, 1.0)  # sec. 3.3: the opacity beta is uniform in [0.1, 1.0]
+BETA_RANGE = (0.2, 1.0)  # data_loader.py: texture weight 1 - 0.8 u (the paper's text: [0.1, 1.0])
 NO_ANOMALY_PROBABILITY = 0.5  # data_loader.py: no_anomaly > 0.5 keeps the image normal
 NORMAL_ROTATION_PROBABILITY = 0.3  # data_loader.py transform_image: torch.rand(1) > 0.7
 NUM_TEXTURE_AUGMENTATIONS = 3  # data_loader.py randAugmenter: 3 of the list, no repetition
