@@ -359,3 +359,12 @@ def test_distillation_projection_matrix_equals_the_two_channel_poolings():
     expected = F.adaptive_avg_pool1d(torch.cat(per_layer, dim=2), 384)[:, 0]
     projected = torch.cat(vectors, dim=1) @ channel_pooling_matrix(channels, 1024, 384)
     assert torch.allclose(projected, expected, atol=1e-5)
+
+
+def test_a_path_given_as_imagenet_dir_survives_the_checkpoint(tmp_path):
+    """Checkpoints load with weights_only=True, which refuses pathlib objects: the option is kept as text."""
+    trainer = EfficientAdTrainer(model_size="small", pretrained=False, imagenet_dir=tmp_path / "imagenette2" / "train",
+                                 train_config={"img_size": 64}, device="cpu")
+    checkpoint = trainer.save_model(tmp_path / "model.pth")
+    restored = load_trainer(checkpoint, device="cpu")
+    assert restored.imagenet_dir == str(tmp_path / "imagenette2" / "train")

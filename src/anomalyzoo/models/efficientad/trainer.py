@@ -56,7 +56,7 @@ class EfficientAdTrainer(BaseTrainer):
 
     def __init__(self, *, imagenet_dir: str | Path | None = None, train_config: TrainConfig | dict[str, Any] | None = None,
                  device: str | torch.device | None = None, **model_options: Any) -> None:
-        self.imagenet_dir = imagenet_dir
+        self.imagenet_dir = str(imagenet_dir) if imagenet_dir is not None else None  # a Path would not load with weights_only
         super().__init__(train_config, device, **model_options)
         if self.train_config.batch_size != 1:
             raise ValueError(
