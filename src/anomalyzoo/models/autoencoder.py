@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from anomalyzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomalyzoo.models.components.ssim import SSIM_WINDOW_SIZE, ssim_map
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig
+from anomalyzoo.models.components.unit_range import UnitRange
 from anomalyzoo.models.components.variants import ModelVariant
 
 LEARNING_RATE = 2e-4  # sec. 4, training procedure
@@ -173,12 +173,11 @@ class AutoencoderModel(nn.Module):
             raise ValueError(f"The autoencoder's bottleneck kernel covers a square grid: give square images, got {height}x{width}")
         self.input_normalized = input_normalized
         self.autoencoder = ConvAutoencoder(height, latent_dim)
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.unit_range = UnitRange(input_normalized)
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         """Loader images -> [0, 1] (undo ImageNet normalisation when the run used it)."""
-        return images * self.image_std + self.image_mean if self.input_normalized else images
+        return self.unit_range(images)
 
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([0, 1] inputs, their reconstructions), both (B, C, H, W)."""

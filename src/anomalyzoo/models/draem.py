@@ -69,11 +69,11 @@ from tqdm.auto import tqdm
 
 from anomalyzoo.data.images import cycle, find_images
 from anomalyzoo.data.textures import TextureImages, dtd_folder, training_image_crops
-from anomalyzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomalyzoo.models.components.perlin import DraemAnomalySynthesis, SyntheticAnomalies
 from anomalyzoo.models.components.ssim import ssim_loss
 from anomalyzoo.models.components.sspcab import SSPCAB, sspcab_loss
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig
+from anomalyzoo.models.components.unit_range import UnitRange
 from anomalyzoo.models.components.variants import ModelVariant
 from anomalyzoo.settings import get_settings
 
@@ -261,13 +261,12 @@ class DraemModel(nn.Module):
         self.reconstructive = ReconstructiveSubNetwork(3, 3, reconstructive_width, sspcab)
         self.discriminative = DiscriminativeSubNetwork(6, 2, discriminative_width)
         self.apply(init_weights)
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.unit_range = UnitRange(input_normalized)
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         """The networks and the synthesis work on [0, 1] images (the authors' ``/ 255``); undo
         the loader's ImageNet normalisation when the run was configured with normalize=True."""
-        return images * self.image_std + self.image_mean if self.input_normalized else images
+        return self.unit_range(images)
 
     def segment(self, unit_images: torch.Tensor) -> DraemOutputs:
         """Both sub-networks on [0, 1] images (B, 3, H, W) with H, W multiples of 32."""

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalyzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig
+from anomalyzoo.models.components.unit_range import UnitRange
 from anomalyzoo.models.components.variants import ModelVariant
 
 W_ADV = 1.0  # options.py --w_adv: adversarial (feature matching) weight
@@ -222,14 +222,11 @@ class GanomalyModel(nn.Module):
         self.discriminator = Discriminator(height, n_features, extra_layers)
         self.generator.apply(dcgan_init)
         self.discriminator.apply(dcgan_init)
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.unit_range = UnitRange(input_normalized)
 
     def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
         """Loader images -> [-1, 1], the authors' input range (and the Tanh's)."""
-        if self.input_normalized:
-            images = images * self.image_std + self.image_mean
-        return images * 2.0 - 1.0
+        return self.unit_range(images) * 2.0 - 1.0
 
     def reinitialize_discriminator(self) -> None:
         """``reinit_d``: re-draw the discriminator's weights from the DCGAN initialisation."""

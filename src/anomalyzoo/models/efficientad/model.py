@@ -51,6 +51,7 @@ from torch import nn
 
 from anomalyzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomalyzoo.models.components.backbone import BackboneWeightsNotFound, get_backbone_path, read_state_dict
+from anomalyzoo.models.components.unit_range import UnitRange
 
 MODEL_SIZES = ("small", "medium")
 Q_HARD = 0.999  # sec. 3.2: only the hardest 0.1 % of the feature differences are learned
@@ -224,8 +225,7 @@ class EfficientAdModel(nn.Module):
         self.register_buffer("teacher_std", torch.ones(1, teacher_out_channels, 1, 1))
         # q_a, q_b of the local (student-teacher) and global (autoencoder-student) maps; NaN until fitted
         self.register_buffer("quantiles", torch.full((4,), float("nan")))
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.unit_range = UnitRange(input_normalized)
 
     def train(self, mode: bool = True) -> "EfficientAdModel":
         super().train(mode)
@@ -235,7 +235,7 @@ class EfficientAdModel(nn.Module):
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         """The networks take [0, 1] images (they normalise internally); undo the loader's
         ImageNet normalisation when the run was configured with normalize=True."""
-        return images * self.image_std + self.image_mean if self.input_normalized else images
+        return self.unit_range(images)
 
     @torch.no_grad()
     def normalized_teacher(self, images: torch.Tensor) -> torch.Tensor:
