@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from anomalyzoo.cli import main
 
@@ -101,3 +102,23 @@ def test_distill_teacher_command_writes_a_teacher_and_never_overwrites_it(synthe
     assert main(arguments) == 2
     assert "already exists" in capsys.readouterr().err
     assert teacher.stat().st_mtime_ns == written
+
+
+def test_pretrain_dsr_command_writes_the_vq_model_dsr_loads_and_never_overwrites_it(synthetic_dataset_dir, tmp_path, capsys):
+    images = synthetic_dataset_dir / "mvtec" / "synthetic_texture" / "train" / "good"
+    arguments = ["pretrain-dsr", "--images", str(images), "--num-steps", "1", "--batch-size", "2", "--img-size", "64",
+                 "--backbone-dir", str(tmp_path)]
+    assert main(arguments) == 0
+    vq_file = tmp_path / "dsr" / "vq_model_pretrained_128_4096.pckl"
+    assert "DSR VQ-VAE written to" in capsys.readouterr().out
+    from anomalyzoo.models.dsr import DsrModel
+    from anomalyzoo.settings import set_globals
+
+    set_globals(backbone_dir=tmp_path)
+    model = DsrModel(pretrained=True)  # the spec's sizes: 128-d codes, 4096 per codebook
+    state = torch.load(vq_file, weights_only=True)
+    assert torch.equal(model.vq_model._vq_vae_top.codebook, state["_vq_vae_top._embedding.weight"])
+    written = vq_file.stat().st_mtime_ns
+    assert main(arguments) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert vq_file.stat().st_mtime_ns == written

@@ -59,6 +59,7 @@ SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_s
     "efficientad-small": ({"model_size": "small"}, 20, 1, 256, False),
     "efficientad-medium": ({"model_size": "medium"}, 20, 1, 256, False),
     "draem": ({"sspcab": True}, 10, 8, 256, False),
+    "dsr": ({"latent_anomaly_strength": 0.2, "embedding_dim": 128, "num_embeddings": 4096}, 50, 8, 256, False),
     "autoencoder": ({"latent_dim": 128}, 50, 16, 256, False),
     "ganomaly": ({"n_features": 64, "latent_vec_size": 256}, 20, 8, 256, False),
 }

@@ -1,4 +1,4 @@
-"""Command line: ``anomalyzoo train | list | demo | predict | distill-teacher``."""
+"""Command line: ``anomalyzoo train | list | demo | predict | distill-teacher | pretrain-dsr``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--overwrite", action="store_true")
     distill.add_argument("--device")
     add_global_options(distill)
+
+    vq = commands.add_parser("pretrain-dsr", help="train DSR's VQ-VAE (its two codebooks) on a folder of images")
+    vq.add_argument("--images", required=True, nargs="+", help="folder(s) of images (searched recursively); "
+                                                               "natural images are best, as the paper's ImageNet")
+    vq.add_argument("--num-steps", type=int, default=10000)
+    vq.add_argument("--batch-size", type=int, default=8)
+    vq.add_argument("--img-size", type=int, default=256)
+    vq.add_argument("--output", help="VQ-VAE file (default BACKBONE_DIR/dsr/vq_model_pretrained_128_4096.pckl)")
+    vq.add_argument("--overwrite", action="store_true")
+    vq.add_argument("--device")
+    add_global_options(vq)
     return parser
 
 
@@ -168,6 +179,17 @@ def command_distill_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_pretrain_dsr(args: argparse.Namespace) -> int:
+    from anomalyzoo.models.dsr import pretrain_dsr
+
+    set_globals(dataset_dir=args.dataset_dir, backbone_dir=args.backbone_dir, output_dir=args.output_dir,
+                seed=args.seed, num_workers=args.num_workers)
+    path = pretrain_dsr(args.images, output_path=args.output, num_steps=args.num_steps, batch_size=args.batch_size,
+                        img_size=args.img_size, seed=get_settings().seed, device=args.device, overwrite=args.overwrite)
+    print(f"DSR VQ-VAE written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_demo(args)
         if args.command == "distill-teacher":
             return command_distill_teacher(args)
+        if args.command == "pretrain-dsr":
+            return command_pretrain_dsr(args)
         return command_predict(args)
     except (KeyError, ValueError, OSError, TypeError) as error:
         print(f"anomalyzoo {args.command}: error: {error}", file=sys.stderr)

@@ -138,6 +138,7 @@ MODEL_MODULES = (
     "anomalyzoo.models.autoencoder",
     "anomalyzoo.models.ganomaly",
     "anomalyzoo.models.draem",
+    "anomalyzoo.models.dsr",
     "anomalyzoo.models.dfm",
 )
 

@@ -198,15 +198,16 @@ def test_dtd_textures_are_used_when_the_folder_exists(tmp_path):
     assert restored.texture_folder() == by_option.texture_folder() == tmp_path / "dtd" / "images"
 
 
-def test_end_to_end_without_dtd_uses_the_fallback_and_scores_consistently(synthetic_dataset_dir, tmp_path):
-    result = train("mvtec", "synthetic_texture", "draem", num_epochs=3, batch_size=8, img_size=32,
+def test_end_to_end_without_dtd_uses_the_fallback_finds_the_defects_and_scores_consistently(synthetic_dataset_dir, tmp_path):
+    """200 steps at 32 px: over six seeds image AUROC 0.98-1.0 and pixel AUROC 0.92-0.96."""
+    result = train("mvtec", "synthetic_texture", "draem", num_steps=200, batch_size=8, img_size=32,
                    dataset_dir=synthetic_dataset_dir, output_dir=tmp_path, max_maps=1, progress=False, **TINY)
     notice = result["notes"]["anomaly_source"]
     assert notice.startswith("fallback: no texture images under") and "crops of other training images" in notice
     results_text = next((tmp_path / "mvtec" / "synthetic_texture" / "draem").rglob("results_*_thresholds.txt")).read_text()
     assert "fallback: no texture images under" in results_text
-    assert np.isfinite(result["image_auroc"]) and np.isfinite(result["pixel_auroc"])
-    assert result["num_steps"] == 3 * math.ceil(result["num_train_images"] / 8)
+    assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.85, (result["image_auroc"], result["pixel_auroc"])
+    assert result["num_steps"] == 200
     # the checkpoint scores the test set again exactly, and every score is the pooled maximum of its map
     trainer = load_trainer(result["checkpoint"], device="cpu")
     assert trainer.model_config["sspcab"] is True  # the registry row

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from anomalyzoo.data.images import cycle, find_images
 from anomalyzoo.data.textures import TextureImages, dtd_folder, training_image_crops
+from anomalyzoo.models.components.focal_loss import focal_loss
 from anomalyzoo.models.components.perlin import DraemAnomalySynthesis, SyntheticAnomalies
 from anomalyzoo.models.components.ssim import ssim_loss
 from anomalyzoo.models.components.sspcab import SSPCAB, sspcab_loss
@@ -83,8 +84,6 @@ INIT_STD = 0.02  # train_DRAEM.py weights_init
 LEARNING_RATE = 1e-4  # README / train_DRAEM.py --lr 0.0001
 LR_MILESTONES = (0.8, 0.9)  # train_DRAEM.py MultiStepLR([epochs * 0.8, epochs * 0.9], ...)
 LR_GAMMA = 0.2  # train_DRAEM.py MultiStepLR(..., gamma=0.2)
-FOCAL_GAMMA = 2.0  # loss.py FocalLoss(gamma=2)
-FOCAL_SMOOTH = 1e-5  # loss.py FocalLoss(smooth=1e-5)
 SSPCAB_LAMBDA = 0.1  # anomalib Draem(sspcab_lambda=0.1)
 SCORE_POOL_SIZE = 21  # test_DRAEM.py avg_pool2d(out_mask_sm[:, 1:], 21, stride=1, padding=21 // 2)
 PAPER_NUM_EPOCHS = 700  # sec. 4; README example --epochs 700
@@ -215,18 +214,6 @@ def init_weights(module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- losses
-def focal_loss(probabilities: torch.Tensor, masks: torch.Tensor, gamma: float = FOCAL_GAMMA,
-               smooth: float = FOCAL_SMOOTH) -> torch.Tensor:
-    """L_seg (sec. 3.2), the authors' ``FocalLoss()`` on softmax ``probabilities`` (B, C, H, W) and
-    a {0, 1} mask (B, 1, H, W): mean over pixels of ``-(1 - p_t)^gamma log p_t`` with
-    ``p_t = <clamp(one_hot, smooth / (C - 1), 1 - smooth), p> + smooth``."""
-    num_classes = probabilities.shape[1]
-    target = F.one_hot(masks[:, 0].long(), num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
-    target = target.clamp(smooth / (num_classes - 1), 1.0 - smooth)
-    p_t = (target * probabilities).sum(dim=1) + smooth
-    return (-(1 - p_t) ** gamma * p_t.log()).mean()
-
-
 def draem_losses(targets: torch.Tensor, reconstruction: torch.Tensor, masks: torch.Tensor,
                  logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sec. 3.1-3.2: ``loss_l2 + loss_ssim + loss_focal`` (``train_DRAEM.py``), each term named."""
