@@ -234,7 +234,7 @@ def test_stage_one_targets_follow_the_altered_grid_and_the_detection_module_sees
 
 
 def test_stage_two_paints_uniform_colours_inside_the_masks(monkeypatch):
-    import anomalyzoo.models.dsr as dsr
+    import anomalyzoo.models.dsr.trainer as dsr
 
     torch.manual_seed(0)
     images = torch.full((16, 3, 32, 32), 0.5)
