@@ -89,6 +89,22 @@ def test_pretraining_restarts_dead_codes_on_inputs_and_dsr_never_does():
     assert DsrModel(pretrained=False, **TINY).vq_model._vq_vae_bot.dead_code_threshold is None
 
 
+def test_residual_blocks_compute_what_the_authors_in_place_relu_computes():
+    """discrete_model.py: ``x + self._block(x)`` with ``ReLU(True)`` first rectifies ``x`` itself."""
+    from anomalyzoo.models.dsr.vq_vae import Residual
+
+    torch.manual_seed(0)
+    ours = Residual(6, 6, 3)
+    authors = torch.nn.Sequential(torch.nn.ReLU(True), torch.nn.Conv2d(6, 3, 3, padding=1, bias=False),
+                                  torch.nn.ReLU(True), torch.nn.Conv2d(3, 6, 1, bias=False))
+    authors.load_state_dict(ours._block.state_dict())
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        expected = (lambda t: t + authors(t))(x.clone())
+        torch.testing.assert_close(ours(x), expected)
+        assert not torch.allclose(ours(x), x + ours._block(x))  # not the textbook x + f(x)
+
+
 # ----------------------------------------------------------------------------- the authors' VQ file
 def official_vq_layout(hiddens: int = 128, residual_hiddens: int = 64, dim: int = 128, codes: int = 4096) -> dict[str, tuple]:
     """Key -> shape of ``DiscreteLatentModel(128, 2, 64, 4096, 128, 0.25, 0.99).state_dict()`` in the
@@ -307,6 +323,15 @@ def test_two_stages_split_the_steps_and_only_their_modules_learn():
     assert not trainer.model.vq_model.training
     for key, value in trainer.model.vq_model.state_dict().items():
         assert torch.equal(value, vq_before[key]), key  # frozen: no gradient, no EMA
+
+
+def test_stage_one_loss_is_focal_plus_both_feature_terms_plus_ten_times_the_image_term():
+    torch.manual_seed(0)
+    trainer = DsrTrainer(pretrained=False, **TINY, train_config={"img_size": 64, "num_steps": 3}, device="cpu")
+    losses = trainer.training_loss({"image": torch.rand(4, 3, 64, 64)})
+    assert set(losses) == {"loss", "loss_focal", "loss_feature_top", "loss_feature_bottom", "loss_image"}
+    expected = losses["loss_focal"] + losses["loss_feature_top"] + losses["loss_feature_bottom"] + 10 * losses["loss_image"]
+    torch.testing.assert_close(losses["loss"], expected)
 
 
 def test_the_paper_schedule_is_listed():

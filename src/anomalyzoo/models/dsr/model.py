@@ -12,14 +12,17 @@ restored codes into an image, and the anomaly detection module compares it with 
 decoder's reconstruction of the unrestored codes. An upsampling module, trained last on
 image-space anomalies, sharpens the detection module's map.
 
-- VQ-VAE (``discrete_model.py`` ``DiscreteLatentModel``, sec. 3.1): ``EncoderBot`` (two 4x4
+- VQ-VAE (``discrete_model.py`` ``DiscreteLatentModel``): ``EncoderBot`` (two 4x4
   stride-2 convolutions to ``num_hiddens`` 128, a 3x3 one, 2 residual blocks of 64 hidden
   channels), ``EncoderTop`` (one more 4x4 stride-2), 1x1 pre-quantisation convolutions to
   ``embedding_dim`` 128, two EMA vector quantisers of ``num_embeddings`` 4096 codes (decay 0.99,
   commitment 0.25, Laplace-smoothed cluster sizes; zalando pytorch-vq-vae), a 4x4 stride-2
   transposed convolution ``upsample_t`` lifting ``Q_lo`` to the bottom grid, and the general
   decoder ``DecoderBot`` on ``cat(up(Q_lo), Q_hi)``. It is frozen during DSR's training (the
-  authors call ``model.eval()``: no codebook update). Module and tensor names are the authors',
+  authors call ``model.eval()``: no codebook update). Its residual blocks compute
+  ``relu(x) + f(relu(x))``: the authors' ``x + self._block(x)`` opens the block with an in-place
+  ``ReLU(True)`` that rectifies ``x`` before the sum, so that is what their weights were trained
+  with (anomalib copies it). Module and tensor names are the authors',
   so their ``vq_model_pretrained_128_4096.pckl`` loads key for key. The EMA codebook update is
   done in place under ``no_grad`` (the authors re-wrap new ``nn.Parameter`` objects each step);
   distances are taken in chunks and the code counts with ``bincount``/``index_add`` instead of a
@@ -27,7 +30,7 @@ image-space anomalies, sharpens the detection module's map.
 - Input: the authors read images with OpenCV, so every network sees **BGR** images in [0, 1]
   (``/ 255``); the model flips our RGB tensors to BGR so that the authors' VQ weights see what
   they were trained on, and ``pretrain_dsr`` uses the same convention.
-- Latent anomaly generation (sec. 3.2, ``train_dsr.py`` ``generate_fake_anomalies_joined``): for
+- Latent anomaly generation (``train_dsr.py`` ``generate_fake_anomalies_joined``): for
   each image a strength ``s ~ U(latent_anomaly_strength, 1)`` (0.2); at each position of the
   Perlin mask (max-pooled to the grid) the pre-quantisation feature's codebook neighbours are
   ranked by distance, the nearest ``int(0.05 K)`` skipped, and a code is drawn uniformly among
@@ -38,14 +41,14 @@ image-space anomalies, sharpens the detection module's map.
   when both) and brought back to the image by nearest up-sampling. Only positions under the
   mask are ranked (the others are never replaced): the same distribution as the authors'
   ranking of every position, at a fraction of the cost.
-- Subspace restriction modules (sec. 3.3, ``SubspaceRestrictionModule``): a 3-level encoder /
+- Subspace restriction modules (``SubspaceRestrictionModule``): a 3-level encoder /
   2-level decoder (no skips) of 3x3 conv-InstanceNorm-ReLU blocks, base width 128, whose output
   is re-quantised with the frozen codebook (straight-through). Object-specific decoder
   (``ImageReconstructionNetwork``): conv blocks to 1/16, a 1x1 conv to 64 channels, two 4x4
   transposed convolutions back to the bottom grid and the general decoder's layout to the image.
-- Anomaly detection module (sec. 3.4, ``AnomalyDetectionModule``): a U-Net (base 64, three
+- Anomaly detection module (``AnomalyDetectionModule``): a U-Net (base 64, three
   poolings, InstanceNorm) on ``cat(object-specific image, general image)`` with 2 output
-  channels; upsampling module (sec. 3.5, ``UpsamplingModule``): the same U-Net on those two
+  channels; upsampling module (``UpsamplingModule``): the same U-Net on those two
   images and the detection module's softmax (8 channels).
 - Stage-one loss (``train_dsr.py``): ``focal(softmax(detection), target mask) + MSE(restored
   Q_hi features, normal Q_hi) + MSE(restored Q_lo features, normal Q_lo) + 10 MSE(image,
@@ -79,7 +82,7 @@ image-space anomalies, sharpens the detection module's map.
   of images. The authors released no pretraining code; ours minimises the VQ-VAE objective
   ``MSE(x, x_hat) + 0.25 (commitment of both quantisers)`` with EMA codebooks, Adam 2e-4, and
   restarts every code whose EMA usage falls below 1 on a random encoder output of the batch
-  (Dhariwal et al., "Jukebox", 2020, sec. 2.2 / 3.1: random restarts). Without restarts the
+  (the random restarts of Dhariwal et al., "Jukebox", 2020). Without restarts the
   N(0, 1)-initialised codebooks collapsed to one code on every small image set we tried
   (perplexity 1): the encoder's outputs start near the origin and only the nearest code moves.
 """
@@ -167,7 +170,7 @@ class SubspaceRestrictionNetwork(nn.Module):
 
 
 class SubspaceRestrictionModule(nn.Module):
-    """Codes -> restored features, re-quantised with a frozen codebook (sec. 3.3)."""
+    """Codes -> restored features, re-quantised with a frozen codebook."""
 
     def __init__(self, embedding_dim: int = EMBEDDING_DIM) -> None:
         super().__init__()
@@ -248,7 +251,7 @@ class UnetModel(nn.Module):
 
 
 class AnomalyDetectionModule(nn.Module):
-    """(object-specific image, general image) -> 2-channel logits (sec. 3.4)."""
+    """(object-specific image, general image) -> 2-channel logits."""
 
     def __init__(self, width: int = DETECTION_WIDTH) -> None:
         super().__init__()
@@ -259,7 +262,7 @@ class AnomalyDetectionModule(nn.Module):
 
 
 class UpsamplingModule(nn.Module):
-    """(object-specific image, general image, detection softmax) -> 2-channel logits (sec. 3.5)."""
+    """(object-specific image, general image, detection softmax) -> 2-channel logits."""
 
     def __init__(self, width: int = DETECTION_WIDTH) -> None:
         super().__init__()
@@ -297,7 +300,7 @@ def grid_mask(masks: torch.Tensor, grid: torch.Size | tuple[int, ...]) -> torch.
 def insert_latent_anomalies(features: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor,
                             masks: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
     """``codes`` (B, D, h, w) with every position under the pooled mask replaced by a distant code
-    of its pre-quantisation ``features`` (sec. 3.2)."""
+    of its pre-quantisation ``features``."""
     latent_mask = grid_mask(masks, codes.shape)[:, 0] > 0
     altered = codes.permute(0, 2, 3, 1).clone()
     flat_features = features.permute(0, 2, 3, 1)

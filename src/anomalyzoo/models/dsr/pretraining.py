@@ -28,7 +28,7 @@ from anomalyzoo.models.dsr.vq_vae import (
 )
 from anomalyzoo.settings import get_settings
 
-DEAD_CODE_THRESHOLD = 1.0  # pretrain_dsr: EMA usage below which a code restarts (Jukebox, sec. 3.1)
+DEAD_CODE_THRESHOLD = 1.0  # pretrain_dsr: EMA usage below which a code restarts (Jukebox: random restarts)
 
 
 # ----------------------------------------------------------------------------- VQ-VAE pretraining
