@@ -57,5 +57,4 @@ def test_train_models_goes_on_past_a_failure_and_writes_a_summary(synthetic_data
     assert "error" not in rows[0]
     assert rows[0]["image_auroc"] >= 0.95 and rows[0]["pixel_auroc"] >= 0.9  # measured 1.0 / 0.98 (random resnet18)
     assert "no_such_category" in rows[1]["error"]
-    summaries = sorted(tmp_path.glob("summary_mvtec*.md"))
-    assert summaries and "no_such_category" in summaries[0].read_text()
+    assert "no_such_category" in (tmp_path / "summary.md").read_text()

@@ -1,4 +1,4 @@
-"""Command line: ``anomalyzoo train | list | demo | predict | distill-teacher | pretrain-dsr``."""
+"""Command line: ``anomalyzoo train | list | demo | predict | distill-teacher | pretrain-dsr | sweep | summary | report``."""
 
 from __future__ import annotations
 
@@ -95,7 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     vq.add_argument("--overwrite", action="store_true")
     vq.add_argument("--device")
     add_global_options(vq)
+    add_sweep_parser(commands)
+    add_summary_parser(commands)
+    add_report_parser(commands)
     return parser
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as overrides (``-`` in keys read as ``_``)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = parse_value(value)
+    return overrides
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -108,11 +122,7 @@ def command_train(args: argparse.Namespace) -> int:
                                  "device": args.device, "overwrite": args.overwrite, "resume": args.resume,
                                  "normal_dir": args.normal_dir, "abnormal_dir": args.abnormal_dir, "mask_dir": args.mask_dir,
                                  "normal_test_dir": args.normal_test_dir}
-    for item in args.set:
-        key, separator, value = item.partition("=")
-        if not separator:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip().replace("-", "_")] = parse_value(value)
+    overrides.update(parse_set_options(args.set))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for model in args.model:
         ModelRegistry.get(model)
@@ -190,6 +200,89 @@ def command_pretrain_dsr(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sweep_parser(commands: Any) -> None:
+    sweep = commands.add_parser("sweep", help="every model on every category (and seed), resumable; here, in "
+                                              "processes or on a Ray cluster")
+    sweep.add_argument("--dataset", required=True, choices=["mvtec", "visa", "btad", "custom", "folder"])
+    sweep.add_argument("--category", required=True, nargs="+", help="category (custom: <dataset>/<category>)")
+    sweep.add_argument("--model", required=True, nargs="+", help="registry name(s); see `anomalyzoo list`")
+    sweep.add_argument("--seeds", type=int, nargs="+", help="one job per seed (default: --seed, else 42)")
+    sweep.add_argument("--executor", choices=["local", "process", "ray"], default="local",
+                       help="local: one job after the other here; process: a pool of processes on this machine; "
+                            "ray: tasks on a Ray cluster (pip install 'anomalyzoo[ray]')")
+    sweep.add_argument("--ray-address", help="Ray cluster address ('auto': the running cluster; default: a local "
+                                             "instance)")
+    sweep.add_argument("--workers", type=int, help="process executor: jobs at a time (default: CPUs / --cpus-per-run, "
+                                                   "or one per GPU share)")
+    sweep.add_argument("--cpus-per-run", type=float, help="CPUs (torch threads) of each parallel job (default 1)")
+    sweep.add_argument("--gpus-per-run", type=float, help="GPUs of each parallel job, e.g. 0.5 (default: 1 where "
+                                                          "there are GPUs, else 0)")
+    sweep.add_argument("--num-epochs", type=int)
+    sweep.add_argument("--batch-size", type=int)
+    sweep.add_argument("--img-size", type=int)
+    sweep.add_argument("--backbone")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other training or model option, e.g. --set coreset_ratio=0.01")
+    sweep.add_argument("--device")
+    sweep.add_argument("--overwrite", action="store_true", help="run finished jobs again (in their folders)")
+    add_global_options(sweep)
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    from anomalyzoo.sweep import run_sweep
+
+    set_globals(dataset_dir=args.dataset_dir, backbone_dir=args.backbone_dir, output_dir=args.output_dir,
+                seed=args.seed, num_workers=args.num_workers)
+    overrides = {"num_epochs": args.num_epochs, "batch_size": args.batch_size, "img_size": args.img_size,
+                 "backbone": args.backbone, "device": args.device, **parse_set_options(args.set)}
+    rows = run_sweep(args.dataset, args.category, args.model, seeds=args.seeds, executor=args.executor,
+                     ray_address=args.ray_address, workers=args.workers, cpus_per_run=args.cpus_per_run,
+                     gpus_per_run=args.gpus_per_run, overwrite=args.overwrite,
+                     **{k: v for k, v in overrides.items() if v is not None})
+    failed = [row for row in rows if row.get("error")]
+    if failed:
+        print(f"{len(failed)} job(s) did not finish: run the same command again to retry them")
+    return 1 if failed else 0
+
+
+def add_summary_parser(commands: Any) -> None:
+    summary = commands.add_parser("summary", help="rebuild summary.csv / summary.md from the run folders")
+    summary.add_argument("output_dir", help="a sweep's folder, or any OUTPUT_DIR of train() runs")
+
+
+def command_summary(args: argparse.Namespace) -> int:
+    from anomalyzoo.report.runs import find_runs, summary_text, write_run_summary
+
+    records = find_runs(args.output_dir)
+    csv_path, md_path = write_run_summary(args.output_dir, records)
+    print(summary_text(records))
+    print(f"Summary written to {md_path} and {csv_path}")
+    return 1 if any(record.status != "done" for record in records) else 0
+
+
+def add_report_parser(commands: Any) -> None:
+    report = commands.add_parser("report", help="one self-contained HTML page: leaderboard, histograms, hardest images")
+    report.add_argument("output_dir", help="a sweep's folder, or any OUTPUT_DIR of train() runs")
+    report.add_argument("--output", help="the HTML file (default OUTPUT_DIR/report.html)")
+    report.add_argument("--max-examples", type=int, default=3, help="hardest images of each kind shown per run")
+    report.add_argument("--open", action="store_true", help="open the page in the web browser")
+
+
+def command_report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from anomalyzoo.report.html import write_html_report
+
+    path = write_html_report(args.output_dir, args.output, max_examples=args.max_examples)
+    print(f"Report written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if args.open and not webbrowser.open(path.resolve().as_uri()):
+        print(f"No web browser could be started here; open {path.resolve().as_uri()} yourself")
+    return 0
+
+
+SWEEP_COMMANDS = {"sweep": command_sweep, "summary": command_summary, "report": command_report}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -203,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_distill_teacher(args)
         if args.command == "pretrain-dsr":
             return command_pretrain_dsr(args)
+        if args.command in SWEEP_COMMANDS:
+            return SWEEP_COMMANDS[args.command](args)
         return command_predict(args)
     except (KeyError, ValueError, OSError, TypeError) as error:
         print(f"anomalyzoo {args.command}: error: {error}", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 Each run writes, under ``OUTPUT_DIR/<dataset>/<category>/<model>/`` (spec sec. 5):
 ``model_..._epochs-N.pth``, ``results_..._thresholds.txt``, ``histogram_..._scores.png``,
-``image_..._{normal,anomaly}_0001.png`` and ``metrics.json``. An existing run folder is never
+``image_..._{normal,anomaly}_0001.png`` and ``metrics.json``, and for the HTML report
+``scores_...csv``, ``thresholds_...csv`` and ``hardest_...npz``. An existing run folder is never
 overwritten unless ``overwrite=True``: the new run goes to ``<model>-run2``, ``-run3``, ...
+``train_models`` runs its (category, model, seed) jobs through :mod:`anomalyzoo.sweep`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 import random
 import resource
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,13 @@ from anomalyzoo.data.transforms import denormalize
 from anomalyzoo.metrics import compute_metrics, evaluate_threshold
 from anomalyzoo.models.components.trainer import TRAIN_KEYS, BaseTrainer, Predictions, TrainConfig
 from anomalyzoo.registry import ModelRegistry
-from anomalyzoo.report import format_markdown_table, write_summary_tables
+from anomalyzoo.report.run import (
+    HARDEST_PER_CLASS,
+    hardest_indices,
+    save_hardest_examples,
+    write_scores_csv,
+    write_thresholds_csv,
+)
 from anomalyzoo.settings import get_settings
 
 RESULT_METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "image_ap", "pixel_f1_max", "pixel_ap")
@@ -130,6 +137,12 @@ def save_outputs(trainer: BaseTrainer, predictions: Predictions, metrics: dict[s
                  run_dir: Path, name: str, header: dict[str, Any], max_maps: int) -> None:
     trainer.save_results(run_dir / f"results_{name}_thresholds.txt", metrics, predictions, header)
     trainer.save_histogram(run_dir / f"histogram_{name}_scores.png", predictions, title=name)
+    write_scores_csv(run_dir / f"scores_{name}.csv", predictions, trainer.threshold)
+    write_thresholds_csv(run_dir / f"thresholds_{name}.csv", predictions, trainer.thresholds)
+    worst_normal, hidden_anomalous = hardest_indices(predictions, min(HARDEST_PER_CLASS, max_maps))
+    hardest_images = collect_images(test_loader, worst_normal + hidden_anomalous, trainer.train_config.normalize)
+    save_hardest_examples(run_dir / f"hardest_{name}.npz", predictions, hardest_images, worst_normal, hidden_anomalous,
+                          trainer.threshold, trainer.map_range)
     if predictions.anomaly_maps is None or max_maps <= 0:
         return
     chosen = [i for label in (0, 1) for i in np.flatnonzero(predictions.labels == label)[:max_maps]]
@@ -163,6 +176,7 @@ def train(
     resume: bool = False,
     device: str | None = None,
     max_maps: int = 5,
+    run_dir: str | Path | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train ``model_type`` on one category and evaluate it on the test split.
@@ -171,7 +185,9 @@ def train(
     batch_size, img_size, normalize, seed, validate_every, ...) and model keys (backbone,
     layers, coreset_ratio, ...). For ``dataset_type="folder"`` the folders are keywords too
     (``normal_dir``, ``abnormal_dir``, ``mask_dir``, ``normal_test_dir``, ``normal_split_ratio``)
-    and ``category`` names the run. Returns the metrics and run facts (also in metrics.json).
+    and ``category`` names the run. ``run_dir`` names the exact folder to write (a sweep assigns
+    and records its jobs' folders); without it the folder is chosen as the module docstring says.
+    Returns the metrics and run facts (also in metrics.json).
     """
     ModelRegistry.get(model_type)  # unknown names fail before any work
     overrides = {"num_epochs": num_epochs, "batch_size": batch_size, "img_size": img_size, "normalize": normalize, **overrides}
@@ -183,7 +199,7 @@ def train(
     settings = get_settings()
     name = run_name(dataset_type, category, model_type)
     base_dir = Path(output_dir or settings.output_dir) / dataset_type / category / model_type
-    run_dir = choose_run_dir(base_dir, overwrite, resume)
+    run_dir = Path(run_dir) if run_dir is not None else choose_run_dir(base_dir, overwrite, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     train_loader, test_loader = get_dataloaders(
@@ -269,40 +285,25 @@ def train_models(
     categories: str | Sequence[str],
     model_types: str | Sequence[str],
     output_dir: str | Path | None = None,
+    *,
+    seeds: int | Sequence[int] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    cpus_per_run: float | None = None,
+    gpus_per_run: float | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Every model on every category; a failure is reported and the rest go on. Ends with a
-    summary table printed and written as ``summary_<dataset>_<time>.csv`` / ``.md`` in OUTPUT_DIR."""
-    categories = [categories] if isinstance(categories, str) else list(categories)
-    model_types = [model_types] if isinstance(model_types, str) else list(model_types)
-    rows: list[dict[str, Any]] = []
-    for category in categories:
-        for model_type in model_types:
-            print(f"\n=== {dataset_type}/{category}: {model_type} ===")
-            try:
-                result = train(dataset_type, category, model_type, output_dir=output_dir, **overrides)
-                rows.append({k: result.get(k) for k in ("dataset", "category", "model", *RESULT_METRIC_KEYS,
-                                                        "fit_seconds", "inference_ms_per_image", "output_dir")})
-            except Exception as error:  # one failure must not stop the others
-                traceback.print_exc()
-                rows.append({"dataset": dataset_type, "category": category, "model": model_type,
-                             "error": f"{type(error).__name__}: {error}"})
-            finally:
-                clear_memory()
-    columns = ["dataset", "category", "model", "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max",
-               "fit_seconds", "inference_ms_per_image", "error"]
-    root = Path(output_dir or get_settings().output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    stem = free_stem(root, f"summary_{dataset_type}_{time.strftime('%Y%m%d-%H%M%S')}")
-    csv_path, md_path = write_summary_tables(rows, root / f"{stem}.csv", root / f"{stem}.md", columns)
-    print("\n" + format_markdown_table(rows, columns))
-    print(f"Summary written to {md_path} and {csv_path}")
-    return rows
+    """Every model on every category (and seed): one job each, run by ``executor`` ("local": one
+    after the other in this process; "process": a pool of processes on this machine; "ray": a Ray
+    cluster, ``ray_address`` as for ``ray.init``, each job asking for ``cpus_per_run`` CPUs and
+    ``gpus_per_run`` GPUs). A failure is reported and the rest go on. ``output_dir`` is the sweep's
+    folder: re-running the same call skips the finished jobs (``overwrite=True`` runs them again)
+    and retries the failed ones. Ends with ``summary.csv`` / ``summary.md`` in that folder; returns
+    one row per job. See :mod:`anomalyzoo.sweep`."""
+    from anomalyzoo.sweep import run_sweep
 
-
-def free_stem(folder: Path, stem: str) -> str:
-    """``stem`` or ``stem-2``, ``stem-3``...: the first whose summary files do not exist yet."""
-    candidate, number = stem, 2
-    while (folder / f"{candidate}.csv").exists() or (folder / f"{candidate}.md").exists():
-        candidate, number = f"{stem}-{number}", number + 1
-    return candidate
+    return run_sweep(dataset_type, categories, model_types, output_dir=output_dir, seeds=seeds, executor=executor,
+                     ray_address=ray_address, workers=workers, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                     overwrite=overwrite, **overrides)

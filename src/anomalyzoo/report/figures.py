@@ -7,6 +7,7 @@ open on a headless server, and nothing that changes the caller's matplotlib stat
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,20 @@ def save_anomaly_map_figure(
     vmax: float | None = None,
     title: str = "",
 ) -> Path:
+    """:func:`anomaly_map_figure` saved as a PNG at ``path``."""
+    return _save(anomaly_map_figure(image, anomaly_map, mask, score, threshold, vmin, vmax, title), path)
+
+
+def anomaly_map_figure(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None,
+    score: float,
+    threshold: float | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    title: str = "",
+) -> Figure:
     """One row of panels: input image, heat map, overlay and (when given) the ground-truth mask.
 
     ``vmin``/``vmax`` fix the colour scale; pass the same values for every image of a run so that
@@ -139,4 +154,32 @@ def save_anomaly_map_figure(
     for axes in panels:
         axes.set_axis_off()
     figure.suptitle(verdict_title(score, threshold, title))
-    return _save(figure, path)
+    return figure
+
+
+def image_figure(image: np.ndarray, mask: np.ndarray | None, score: float, threshold: float | None = None,
+                 title: str = "") -> Figure:
+    """The input image (and its ground-truth mask) under the verdict title: the picture of an image
+    scored by a model that makes no anomaly map (DFKDE, GANomaly, DFM with ``score_type="nll"``)."""
+    image = np.asarray(image)
+    num_panels = 2 if mask is not None else 1
+    figure = Figure(figsize=(4 * num_panels, 4.4))
+    panels = np.atleast_1d(figure.subplots(1, num_panels))
+    panels[0].imshow(image)
+    panels[0].set_title("image")
+    if mask is not None:
+        panels[1].imshow(np.asarray(mask).squeeze().astype(bool), cmap="gray", vmin=0, vmax=1)
+        panels[1].set_title("ground truth")
+    for axes in panels:
+        axes.set_axis_off()
+    figure.suptitle(verdict_title(score, threshold, title))
+    return figure
+
+
+def figure_bytes(figure: Figure, image_format: str = "png", dpi: int = 100) -> bytes:
+    """The figure encoded in memory (``"png"`` or ``"jpeg"``), for pages that embed their images."""
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure)
+    options = {"pil_kwargs": {"quality": 85}} if image_format == "jpeg" else {}
+    figure.savefig(buffer, format=image_format, dpi=dpi, bbox_inches="tight", **options)
+    return buffer.getvalue()
