@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from anomalyzoo import train_models
 from anomalyzoo.cli import main
@@ -39,9 +40,17 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_sweep(data_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
-    """The reference: today's serial loop, in this process."""
+    """The reference: today's serial loop, in this process, on one torch thread as every parallel job
+    below runs (cpus_per_run=1). Float sums split over a different number of threads differ in their
+    last bits (on CI's 2 cores dfm's pixel AUROC moved by 3e-5), and this compares executors, not BLAS
+    thread counts."""
     root = tmp_path_factory.mktemp("local")
-    return root, train_models("mvtec", CATEGORIES, MODELS, output_dir=root, dataset_dir=data_dir, **FAST)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return root, train_models("mvtec", CATEGORIES, MODELS, output_dir=root, dataset_dir=data_dir, **FAST)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metrics_by_job(rows: list[dict]) -> dict[tuple[str, str], dict]:
