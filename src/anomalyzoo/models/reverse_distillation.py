@@ -48,27 +48,15 @@ from anomalyzoo.models.components.resnet_decoder import (
     ResNetDecoder,
     ResNetLayout,
     conv1x1,
-    conv3x3,
+    conv_bn_relu,
     init_resnet_weights,
+    resize_to,
     resnet_layout,
 )
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig
 from anomalyzoo.models.components.variants import ModelVariant
 
 ANOMALY_MAP_MODES = ("add", "multiply")
-
-
-def resize_to(features: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize when grids differ by rounding (input sizes that are not multiples of the
-    embedding stride); a no-op for the usual sizes (256, 128, ...)."""
-    if tuple(features.shape[-2:]) == tuple(size):
-        return features
-    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3x3 stride-2 convolution + BN + ReLU: one MFF downsampling step (OCBE, sec. 3.2)."""
-    return nn.Sequential(conv3x3(in_channels, out_channels, stride=2), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class OneClassBottleneckEmbedding(nn.Module):

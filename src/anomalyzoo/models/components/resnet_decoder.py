@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,6 +38,20 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 def deconv2x2(in_channels: int, out_channels: int, stride: int = 2, groups: int = 1) -> nn.ConvTranspose2d:
     """Doubles the grid exactly (kernel 2, stride 2): the inverse of a stride-2 convolution."""
     return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=stride, groups=groups, bias=False)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 stride-2 convolution + BN + ReLU: one downsampling step of Reverse Distillation's
+    multi-scale feature fusion (OCBE, sec. 3.2), which UniNet's bottleneck shares."""
+    return nn.Sequential(conv3x3(in_channels, out_channels, stride=2), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def resize_to(features: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize when grids differ by rounding (input sizes that are not multiples of the
+    embedding stride); a no-op for the usual sizes (256, 128, ...)."""
+    if tuple(features.shape[-2:]) == tuple(size):
+        return features
+    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class DeBasicBlock(nn.Module):
