@@ -1,8 +1,11 @@
 """UniNet: "UniNet: A Contrastive Learning-guided Unified Framework with Feature Selection for
-Anomaly Detection" (Wei, Jiang & Xu, CVPR 2025). Facts from the paper and the authors' code
-(github pangdatangtt/UniNet: ``UniNet_lib/model.py``, ``resnet.py``, ``de_resnet.py``,
-``DFS.py``, ``Loss.py``, ``mechanism.py``, ``train_unsupervisedAD.py``, ``main.py``), which
-produced the published numbers; where it and the paper differ the code is followed.
+Anomaly Detection" (Wei, Jiang & Xu, CVPR 2025). The paper names the parts (student-teacher
+models and a bottleneck, domain-related feature selection, a similarity contrastive loss and a
+margin loss, a weighted decision mechanism); every detail below is from the authors' code,
+which produced the published numbers (github pangdatangtt/UniNet: ``UniNet_lib/model.py``,
+``resnet.py``, ``de_resnet.py``, ``DFS.py``, ``Loss.py``, ``mechanism.py``,
+``train_unsupervisedAD.py``, ``main.py``). anomalib's port differs from it (AdamW with amsgrad
+and a step schedule, temperature 0.1, a registered learnable theta); we follow the authors.
 
 Structure (``model.py``): two teachers of the same ImageNet backbone (layers 1-3), a bottleneck
 and a student decoder.
@@ -33,9 +36,9 @@ Training (``train_unsupervisedAD.py``, ``Loss.py``, ``DFS.py``):
 
 - Domain-related feature selection (DFS): each student map is re-weighted per channel by the
   teacher's spatial softmax times (theta + the teacher's spatial mean) before the loss; the
-  teacher is not re-weighted, and nothing is selected at test time. The paper's theta is
-  learnable, ``sigmoid(theta) + 0.5`` clamped at 1 with theta initialised to 0. In the authors'
-  code the parameters are created as ``nn.Parameter(...).to("cuda")``, which returns a plain
+  teacher is not re-weighted, and nothing is selected at test time. ``DFS.py`` means theta to
+  be learnable, ``sigmoid(theta) + 0.5`` clamped at 1 with theta initialised to 0, but the
+  parameters are created as ``nn.Parameter(...).to("cuda")``, which returns a plain
   tensor, so they are never registered nor optimised: theta stays clamp(0.5 + 0.5) = 1 in
   every published run. We use theta = 1 (the code's ``domain_related_feature_selection``).
   The weight 1 + mean(t) assumes non-negative (ReLU) teacher features, as every ResNet stage
@@ -333,6 +336,6 @@ VARIANTS = {
         paper={"num_epochs": 100, "batch_size": 8},  # authors' main.py defaults
         note="Feature selection (DFS) assumes ReLU teacher features (ResNets); with EfficientNet backbones "
              "pass feature_selection=False. The contrastive loss holds an (H/4 * W/4)^2 similarity matrix per "
-             "image and pair: about 13 s per batch of 4 at 256 px on 2 CPU cores (EfficientNet-Lite0).",
+             "image and pair: about 13 s per batch of 4 at 256 px on 2 busy CPU cores (EfficientNet-Lite0), under 1 s at 128 px.",
     ),
 }
