@@ -140,6 +140,7 @@ MODEL_MODULES = (
     "anomalyzoo.models.draem",
     "anomalyzoo.models.dsr",
     "anomalyzoo.models.dfm",
+    "anomalyzoo.models.dinomaly",
 )
 
 ModelRegistry.register_all_models()
