@@ -41,16 +41,21 @@ model on the union of many categories: ``train(dataset, [cat1, cat2, ...], "dino
 - Initialisation: the scripts' truncated normal (std 0.01, +-0.03) for every linear layer of
   bottleneck and decoder.
 
-Resolutions (registry entries ``-224``, ``-392``, ``-448``): the data are resized to the entry's
-size directly (no centre crop). The authors' scripts resize to 448 and centre-crop 392
-("R448-C392", their default) or use 448 uncropped (``image_size = 448; crop_size = 448``, commented
-in the same scripts); the data pipeline here has no crop, so ``-392`` sees the whole image resized
-to 392 rather than its central 392/448 (documented deviation). The positional embedding, trained at
-518 px (37 x 37 patches), is interpolated to the entry's grid (16, 28 or 32 patches per side) when
-the checkpoint is loaded, exactly as DINOv2 interpolates it on the fly.
+Resolutions (registry entries ``-224``, ``-392``, ``-448``), as the authors' scripts feed them
+(``dataset.get_data_transforms(image_size, crop_size)``: resize, then centre crop):
 
-Deviations besides the crop: batches keep the last partial batch (the authors drop it); the
-encoder is plain DINOv2 (see above).
+- ``-392``: resize to 448, centre-crop 392 ("R448-C392", the scripts' ``image_size = 448;
+  crop_size = 392`` and the paper's default), i.e. ``crop_pct = 392 / 448 = 0.875``; masks go
+  through the same crop, so pixel metrics cover the crop as theirs do;
+- ``-448``: resize to 448, no crop (the scripts' alternative ``image_size = 448; crop_size = 448``);
+- ``-224``: resize to 224, no crop.
+
+The positional embedding, trained at 518 px (37 x 37 patches), is interpolated to the entry's
+grid (16, 28 or 32 patches per side) when the checkpoint is loaded, exactly as DINOv2
+interpolates it on the fly (``loader.interpolate_pos_embed``).
+
+Deviations: batches keep the last partial batch (the authors drop it); the encoder is plain
+DINOv2, not DINOv2-with-registers (see above); the epoch-based default schedule (see above).
 """
 
 from __future__ import annotations
@@ -249,7 +254,8 @@ DINOMALY_SIZES: dict[str, tuple[str, int]] = {
     "base": ("dinov2_vit_base_14", 16),
     "large": ("dinov2_vit_large_14", 8),
 }
-DINOMALY_RESOLUTIONS = (224, 392, 448)
+# resolution -> crop_pct: the share of the resized image the centre crop keeps (see the module doc)
+DINOMALY_RESOLUTIONS: dict[int, float] = {224: 1.0, 392: 392 / 448, 448: 1.0}
 
 # ViT-L costs ~8 s to build and ~1.2 GB per copy on a CPU: its contract-test configuration is the
 # ViT-S encoder (the same path from tokens to maps); tests/models/test_dinomaly.py builds ViT-L once
@@ -261,7 +267,8 @@ def _variant(size: str, resolution: int) -> ModelVariant:
     return ModelVariant(
         trainer=DinomalyTrainer, family="foundation",
         options={"encoder_name": encoder, "bottleneck_dropout": 0.2, "decoder_depth": 8},  # SPEC sec. 7
-        train={"num_epochs": 15, "batch_size": batch_size, "img_size": resolution, "normalize": True},  # SPEC sec. 7
+        train={"num_epochs": 15, "batch_size": batch_size, "img_size": resolution, "normalize": True,  # SPEC sec. 7
+               **({"crop_pct": DINOMALY_RESOLUTIONS[resolution]} if DINOMALY_RESOLUTIONS[resolution] != 1.0 else {})},
         tiny={"encoder_name": _TINY_ENCODER[size], "pretrained": False, "img_size": 56, "num_steps": 2, "batch_size": 4},
         # dinomaly_mvtec_uni.py: 10,000 iterations of batch 16 on all 15 categories at R448-C392
         paper={"num_steps": PAPER_NUM_STEPS, "batch_size": 16},
