@@ -158,8 +158,9 @@ def command_list() -> int:
         for name in names:
             model = ", ".join(f"{k}={v}" for k, v in ModelRegistry.get_model_config(name).items())
             train = ModelRegistry.get_train_config(name)
+            crop = f" crop_pct={train['crop_pct']:g}" if train.get("crop_pct", 1.0) != 1.0 else ""
             print(f"  {name:<28} {model}  | epochs={train['num_epochs']} batch={train['batch_size']} "
-                  f"img={train['img_size']} normalize={train['normalize']}")
+                  f"img={train['img_size']}{crop} normalize={train['normalize']}")
             paper = ModelRegistry.get(name).paper_schedule
             if paper:
                 values = " ".join(f"{k}={v}" for k, v in paper.items())
