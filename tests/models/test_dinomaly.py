@@ -257,11 +257,12 @@ def test_loader_maps_every_tensor_of_an_official_checkpoint(tmp_path, chunks):
     state = official_state_dict(name, torch.Generator().manual_seed(0), chunks=chunks)
     write_checkpoint(tmp_path, name, state)
     set_globals(backbone_dir=tmp_path)
-    encoder = DinoV2Encoder(name, (SIZE, 2 * SIZE), pretrained=True)  # non-square: 4 x 8 patches
+    # non-square input (4 x 8 patches); reading block 11 keeps every block (only the final norm is pruned)
+    encoder = DinoV2Encoder(name, (SIZE, 2 * SIZE), blocks=[0, 11], pretrained=True)
     loaded = encoder.vit.state_dict()
     flat = {k if not chunks else ".".join(p for j, p in enumerate(k.split(".")) if j != 1) if k.startswith("blocks.") else k: v
             for k, v in state.items()}
-    assert set(loaded) == set(flat) - {"mask_token"}
+    assert set(loaded) == set(flat) - {"mask_token", "norm.weight", "norm.bias"}
     for key, value in loaded.items():
         if key != "pos_embed":
             assert torch.equal(value, flat[key]), key
@@ -272,7 +273,17 @@ def test_loader_maps_every_tensor_of_an_official_checkpoint(tmp_path, chunks):
     images = torch.randn(1, 3, SIZE, 2 * SIZE)
     patches = F.conv2d(images, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=14)
     tokens = torch.cat([state["cls_token"], patches.flatten(2).transpose(1, 2)], dim=1) + expected
-    torch.testing.assert_close(encoder(images, [0])[0], encoder.vit.blocks[0](tokens))
+    first, last = encoder(images)
+    with torch.no_grad():
+        tokens = encoder.vit.blocks[0](tokens)
+        torch.testing.assert_close(first, tokens)
+        for block in encoder.vit.blocks[1:]:
+            tokens = block(tokens)
+    torch.testing.assert_close(last, tokens)  # block 11's raw output: no final norm
+    assert last.shape == (1, 1 + 32, 384)
+    # a pruned encoder (blocks up to 3) checks the whole checkpoint and loads what it keeps
+    short = DinoV2Encoder(name, (SIZE, SIZE), blocks=[1, 3], pretrained=True)
+    assert len(short.vit.blocks) == 4 and torch.equal(short.vit.blocks[3].mlp.fc2.weight, flat["blocks.3.mlp.fc2.weight"])
 
 
 def test_pos_embed_is_untouched_at_the_training_grid_and_resampled_elsewhere():
@@ -291,7 +302,7 @@ def test_loader_rejects_a_checkpoint_of_another_size_or_layout(tmp_path):
     path = write_checkpoint(tmp_path, name, state)
     set_globals(backbone_dir=tmp_path)
     with pytest.raises(ValueError, match="register_tokens") as error:
-        DinoV2Encoder(name, (SIZE, SIZE), pretrained=True)
+        DinoV2Encoder(name, (SIZE, SIZE), blocks=[2], pretrained=True)
     assert str(path) in str(error.value)
     with pytest.raises(ValueError, match="Two tensors"):
         official_to_timm({"blocks.0.norm1.weight": torch.zeros(1), "blocks.1.0.norm1.weight": torch.zeros(1),
@@ -315,8 +326,8 @@ def test_reconstruction_pairs_fused_encoder_and_reversed_decoder_groups():
     images = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         encoder_groups, decoder_groups = model.reconstruct(images)
-        blocks = model.encoder(images, list(range(12)))
-        tokens = model.bottleneck(torch.stack([blocks[i] for i in range(2, 10)]).mean(0))
+        targets = model.encoder(images)  # blocks 2..9
+        tokens = model.bottleneck(torch.stack(targets).mean(0))
         decoded = []
         for block in model.decoder:
             tokens = block(tokens)
@@ -326,8 +337,9 @@ def test_reconstruction_pairs_fused_encoder_and_reversed_decoder_groups():
     def grid(t):  # drop the class token, (B, N, C) -> (B, C, 4, 4)
         return t[:, 1:].transpose(1, 2).reshape(2, 384, 4, 4)
 
-    torch.testing.assert_close(encoder_groups[0], grid(torch.stack(blocks[2:6]).mean(0)))  # blocks 2-5
-    torch.testing.assert_close(encoder_groups[1], grid(torch.stack(blocks[6:10]).mean(0)))  # blocks 6-9
+    assert model.encoder.blocks == [2, 3, 4, 5, 6, 7, 8, 9] and len(model.encoder.vit.blocks) == 10  # pruned after 9
+    torch.testing.assert_close(encoder_groups[0], grid(torch.stack(targets[0:4]).mean(0)))  # blocks 2-5
+    torch.testing.assert_close(encoder_groups[1], grid(torch.stack(targets[4:8]).mean(0)))  # blocks 6-9
     torch.testing.assert_close(decoder_groups[0], grid(torch.stack(decoded[4:8]).mean(0)))  # last four, reversed
     torch.testing.assert_close(decoder_groups[1], grid(torch.stack(decoded[0:4]).mean(0)))
 
@@ -421,7 +433,8 @@ def test_large_end_to_end_on_synthetic_data(synthetic_dataset_dir, tmp_path):
     assert config["encoder_name"] == "dinov2_vit_large_14"
     restored = load_trainer(result["checkpoint"], device="cpu")
     assert restored.model.target_layers == [4, 6, 8, 10, 12, 14, 16, 18]
-    assert len(restored.model.encoder.vit.blocks) == 24 and restored.model.encoder.embed_dim == 1024
+    # 24 blocks, of which those after block 18 are pruned
+    assert len(restored.model.encoder.vit.blocks) == 19 and restored.model.encoder.embed_dim == 1024
     print(f"dinomaly-large end to end at {SIZE} px: {time.perf_counter() - start:.0f} s; image AUROC "
           f"{result['image_auroc']:.3f}, pixel AUROC {result['pixel_auroc']:.3f}, AUPRO {result['pixel_aupro']:.3f}")
 

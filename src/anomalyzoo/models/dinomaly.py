@@ -67,7 +67,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalyzoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomalyzoo.models.components.blur import gaussian_kernel1d
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig
 from anomalyzoo.models.components.variants import ModelVariant
@@ -148,19 +147,13 @@ class DinomalyModel(nn.Module):
         if any(not 0 <= i < decoder_depth for group in self.fuse_groups for i in group):
             raise ValueError(f"fuse_groups {self.fuse_groups} index layers outside 0..{decoder_depth - 1}")
         self.input_size = tuple(input_size)
-        self.encoder = DinoV2Encoder(encoder_name, self.input_size, pretrained=pretrained)
-        if self.target_layers[-1] >= self.encoder.depth:
-            raise ValueError(f"target_layers {self.target_layers} exceed the {self.encoder.depth} blocks of {encoder_name}")
+        self.encoder = DinoV2Encoder(encoder_name, self.input_size, self.target_layers, pretrained=pretrained,
+                                     input_normalized=input_normalized)
         dim = self.encoder.embed_dim
         self.bottleneck = DinomalyMLP(dim, BOTTLENECK_EXPANSION * dim, dim, dropout=bottleneck_dropout)
         self.decoder = nn.ModuleList(DecoderBlock(dim, self.encoder.num_heads) for _ in range(decoder_depth))
         init_dinomaly_weights(self.bottleneck)
         init_dinomaly_weights(self.decoder)
-        # DINOv2 was trained on ImageNet-normalised images; [0, 1] inputs are normalised here
-        mean = torch.zeros(3) if input_normalized else torch.tensor(IMAGENET_MEAN)
-        std = torch.ones(3) if input_normalized else torch.tensor(IMAGENET_STD)
-        self.register_buffer("input_mean", mean.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", std.view(1, 3, 1, 1), persistent=False)
         kernel = gaussian_kernel1d(SMOOTHING_SIGMA, SMOOTHING_KERNEL)
         self.register_buffer("smoothing_kernel", torch.outer(kernel, kernel)[None, None], persistent=False)
 
@@ -171,8 +164,7 @@ class DinomalyModel(nn.Module):
         """(encoder groups, decoder groups), each (B, D, h, w) on the patch grid (``ViTill.forward``)."""
         if tuple(images.shape[-2:]) != self.input_size:
             raise ValueError(f"This Dinomaly model was built for {self.input_size} inputs, got {tuple(images.shape[-2:])}")
-        images = (images - self.input_mean) / self.input_std
-        encoder_layers = self.encoder(images, self.target_layers)
+        encoder_layers = self.encoder(images)
         tokens = self.bottleneck(fuse(encoder_layers))
         decoder_layers = []
         for block in self.decoder:

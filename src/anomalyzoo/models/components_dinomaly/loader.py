@@ -113,24 +113,34 @@ def official_to_timm(state: dict[str, torch.Tensor], grid: tuple[int, int]) -> d
     return mapped
 
 
-def load_official_dinov2(model: nn.Module, path: Path, grid: tuple[int, int]) -> None:
-    """Fill timm ViT ``model`` (built for ``grid``) from the official checkpoint at ``path``; every
-    tensor is accounted for (see the module docstring) or the error names the keys and the file."""
+def load_official_dinov2(model: nn.Module, path: Path, grid: tuple[int, int],
+                         architecture: dict[str, torch.Size] | None = None) -> None:
+    """Fill timm ViT ``model`` (built for ``grid``) from the official checkpoint at ``path``.
+
+    Every tensor of the checkpoint must match a tensor of the whole ``architecture`` (names and
+    shapes; ``model``'s own when not given) and every tensor of ``model`` must be filled, or the
+    error names the keys and the file. ``model`` may be pruned (blocks after the last one read,
+    the final norm): the checkpoint's tensors for the removed parts are then checked, not loaded.
+    """
     state = official_to_timm(read_state_dict(path), grid)
     target = model.state_dict()
-    unexpected = sorted(set(state) - set(target))
-    missing = sorted(set(target) - set(state))
-    wrong_shape = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    reference = architecture if architecture is not None else {k: v.shape for k, v in target.items()}
+    unexpected = sorted(set(state) - set(reference))
+    missing = sorted(set(reference) - set(state))
+    wrong_shape = sorted(k for k in set(state) & set(reference) if state[k].shape != reference[k])
     if unexpected or missing or wrong_shape:
         details = [f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
                    f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                   f"{len(wrong_shape)} of another shape (e.g. {[(k, tuple(state[k].shape), tuple(target[k].shape)) for k in wrong_shape[:2]]})" if wrong_shape else ""]
+                   f"{len(wrong_shape)} of another shape (e.g. {[(k, tuple(state[k].shape), tuple(reference[k])) for k in wrong_shape[:2]]})" if wrong_shape else ""]
         raise ValueError(
-            f"{path} does not fit {type(model).__name__} '{getattr(model, 'default_cfg', {}).get('architecture', '')}': "
+            f"{path} does not fit timm's '{getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}': "
             f"{'; '.join(d for d in details if d)}. Is it the official DINOv2 checkpoint of this size "
             "(without registers)?"
         )
-    model.load_state_dict(state, strict=True)
+    unfilled = sorted(set(target) - set(state))
+    if unfilled:
+        raise ValueError(f"{path} leaves {unfilled[:3]} of the encoder unfilled")
+    model.load_state_dict({key: state[key] for key in target}, strict=True)
 
 
 def require_dinov2_weights(name: str) -> Path:

@@ -2,9 +2,10 @@
 ``ViTill`` and ``models/vision_transformer.py`` ``Block``).
 
 - :class:`DinoV2Encoder`: timm's DINOv2 ViT (the official architecture and weights, see
-  ``loader``), frozen, built for one input size (its positional embedding resampled to that grid
-  once). It returns the *token sequences* (class token first, then the patches) after the
-  requested blocks, without the final norm: ``ViTill`` reads ``blocks[i]`` outputs directly.
+  ``loader``) through the shared :class:`TimmFeatureExtractor`, frozen, built for one input size
+  (its positional embedding resampled to that grid once). It returns the *token sequences* (class
+  token first, then the patches) after the requested blocks, without the final norm: ``ViTill``
+  reads ``blocks[i]`` outputs directly.
 - :class:`DecoderBlock`: a pre-norm ViT block whose attention is
   :class:`~anomalyzoo.models.components_dinomaly.layers.LinearAttention` (LayerNorm eps 1e-8,
   MLP ratio 4 with GELU, qkv bias, no dropout, drop-path or layer scale: the authors' training
@@ -23,6 +24,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components_dinomaly.layers import LinearAttention
 from anomalyzoo.models.components_dinomaly.loader import dinov2_architecture, load_official_dinov2, require_dinov2_weights
 
@@ -32,9 +34,17 @@ INIT_STD, INIT_BOUND = 0.01, 0.03  # trunc_normal_(std=0.01, a=-0.03, b=0.03)
 
 
 class DinoV2Encoder(nn.Module):
-    """Frozen DINOv2 ViT for ``input_size`` = (H, W) inputs (multiples of the patch size 14)."""
+    """Frozen DINOv2 ViT for ``input_size`` = (H, W) inputs (multiples of the patch size 14),
+    returning the token sequences after ``blocks`` (0-based, ascending).
 
-    def __init__(self, encoder_name: str, input_size: tuple[int, int], pretrained: bool = True) -> None:
+    The repository's :class:`TimmFeatureExtractor` does the work: its block-index path on timm's
+    ``forward_intermediates`` (raw block outputs, no final norm), the re-normalisation of [0, 1]
+    inputs to DINOv2's ImageNet statistics, and the pruning of every block after the last one
+    read (ViT-L keeps 19 of its 24). The official weights are loaded into what is kept.
+    """
+
+    def __init__(self, encoder_name: str, input_size: tuple[int, int], blocks: Sequence[int],
+                 pretrained: bool = True, input_normalized: bool = True) -> None:
         super().__init__()
         architecture = dinov2_architecture(encoder_name)
         self.encoder_name = encoder_name
@@ -44,34 +54,34 @@ class DinoV2Encoder(nn.Module):
             raise ValueError(f"DINOv2 needs input sides that are multiples of {self.patch_size}, got {input_size} "
                              "(use img_size 224, 392, 448, ... or 56 for a quick test)")
         self.grid = (height // self.patch_size, width // self.patch_size)
+        self.blocks = list(blocks)
         path = require_dinov2_weights(encoder_name) if pretrained else None  # fail before the (slow) build
-        self.vit = timm.create_model(architecture.timm_name, pretrained=False, img_size=(height, width))
+        self.extractor = TimmFeatureExtractor(architecture.timm_name, self.blocks, pretrained=False,
+                                              input_normalized=input_normalized, img_size=(height, width))
         if path is not None:
-            load_official_dinov2(self.vit, path, self.grid)
+            load_official_dinov2(self.vit, path, self.grid, full_architecture_state(architecture.timm_name, input_size))
         self.embed_dim = architecture.embed_dim
         self.num_heads = architecture.num_heads
-        self.depth = len(self.vit.blocks)
-        self.num_prefix_tokens = int(self.vit.num_prefix_tokens)  # the class token (no registers)
-        self.vit.eval()
-        for parameter in self.vit.parameters():
-            parameter.requires_grad_(False)
+        self.depth = architecture.depth
+        self.num_prefix_tokens = self.extractor.num_prefix_tokens  # the class token (no registers)
 
-    def train(self, mode: bool = True) -> "DinoV2Encoder":
-        super().train(mode)
-        self.vit.eval()  # frozen: always in inference mode
-        return self
+    @property
+    def vit(self) -> nn.Module:
+        """The (pruned) timm VisionTransformer."""
+        return self.extractor.feature_extractor
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
-        """Tokens (B, 1 + h * w, D) after each of ``blocks`` (0-based, ascending), stopping at the last."""
-        tokens = self.vit.norm_pre(self.vit.patch_drop(self.vit._pos_embed(self.vit.patch_embed(images))))
-        wanted = set(blocks)
-        outputs: dict[int, torch.Tensor] = {}
-        for index, block in enumerate(self.vit.blocks[: max(blocks) + 1]):
-            tokens = block(tokens)
-            if index in wanted:
-                outputs[index] = tokens
-        return [outputs[i] for i in blocks]
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens (B, 1 + h * w, D), class token first, after each of ``blocks``."""
+        maps, prefix = self.extractor.forward_with_tokens(images)
+        return [torch.cat([prefix[b], maps[b].flatten(2).transpose(1, 2)], dim=1) for b in self.blocks]
+
+
+def full_architecture_state(timm_name: str, input_size: tuple[int, int]) -> dict[str, torch.Size]:
+    """Names and shapes of the whole (unpruned) architecture at ``input_size``, built on the meta
+    device (nothing allocated): what an official checkpoint must match tensor for tensor."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, img_size=tuple(input_size))
+    return {key: value.shape for key, value in model.state_dict().items()}
 
 
 class DecoderBlock(nn.Module):
