@@ -390,7 +390,7 @@ def test_the_loss_falls_on_a_tiny_training_set():
 
 
 # ----------------------------------------------------------------------------- end to end
-# ViT-B and ViT-L checkpoints weigh 1.4 GB and 4.6 GB with their optimiser state (written after every
+# ViT-B and ViT-L checkpoints weigh 1.3 GB and 2.7 GB with their optimiser state (written after every
 # epoch): one epoch each keeps the test to about a minute on 2 cores
 EPOCHS = {"small": 2, "base": 1, "large": 1}
 

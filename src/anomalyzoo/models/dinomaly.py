@@ -8,19 +8,19 @@ input is anomalous the decoder's reconstruction drifts from the encoder; the cos
 between the two is the anomaly map. Designed for (and by default in the paper trained as) one
 model on the union of many categories: ``train(dataset, [cat1, cat2, ...], "dinomaly-...")``.
 
-- Encoder (sec. 3.2): DINOv2 ViT-S/B/L with patch 14, frozen (``components_dinomaly.loader``:
+- Encoder (sec. 3, "Foundation Transformers"): DINOv2 ViT-S/B/L with patch 14, frozen (``components_dinomaly.loader``:
   the official checkpoints). The token sequences (class token included) after the *target
   blocks*, the middle eight: blocks 2-9 of ViT-S/B's 12, blocks 4, 6, ..., 18 of ViT-L's 24
   (``dinomaly_mvtec_uni.py``). The authors' default is DINOv2 *with registers*
   (``dinov2reg_vit_base_14``); the spec names the plain DINOv2 checkpoints
   (``dinov2_vit{s,b,l}14_pretrain.pth``), which the authors' loader also supports (their
-  ``vit_encoder.load('dinov2_vit_base_14')``) and the paper compares in its backbone ablation.
-- Noisy bottleneck (sec. 3.3): the mean of the eight target-block outputs goes through one MLP
+  ``vit_encoder.load('dinov2_vit_base_14')``) and their README compares with other foundation models.
+- Noisy bottleneck (sec. 3, "Noisy Bottleneck"): the mean of the eight target-block outputs goes through one MLP
   (D -> 4D -> D) with dropout 0.2 on its input and after each layer (``layers.DinomalyMLP``).
-- Decoder (sec. 3.4): ``decoder_depth`` 8 pre-norm ViT blocks with linear attention
+- Decoder (sec. 3, "Linear Attention"): ``decoder_depth`` 8 pre-norm ViT blocks with linear attention
   (``vision_transformer.DecoderBlock``). Its block outputs, last first, are paired with the
   encoder's target blocks in order.
-- Loose reconstruction (sec. 3.5): the eight layers are fused into two groups, the mean of
+- Loose reconstruction (sec. 3, "Loose Reconstruction"): the eight layers are fused into two groups, the mean of
   encoder blocks {0-3} and {4-7} of the target list against the mean of the same decoder groups;
   class tokens are dropped after fusing and the tokens laid out on the (h, w) patch grid.
   Loss: the global hard-mining cosine loss (``loss.global_cosine_hard_mining_loss``, p rising
@@ -31,7 +31,7 @@ model on the union of many categories: ``train(dataset, [cat1, cat2, ...], "dino
   (where the authors evaluate) and smoothed with their 5 x 5 Gaussian of sigma 4 (zero padding);
   the image score is the mean of the top 1 % of that map. The map returned is the smoothed one,
   resized back to the input size (the contract of every model here).
-- Optimisation (appendix B; ``dinomaly_mvtec_uni.py``): StableAdamW over bottleneck and decoder
+- Optimisation (appendix B, implementation details; ``dinomaly_mvtec_uni.py``): StableAdamW over bottleneck and decoder
   (lr 2e-3, betas (0.9, 0.999), weight decay 1e-4, AMSGrad, eps 1e-10), gradient-norm clipping
   at 0.1, warm-up cosine schedule 2e-3 -> 2e-4 per step. The authors train by iterations
   (10,000 for the 15 MVTec categories together, batch 16, warm-up 100, hard-mining ramp 1000);
@@ -249,7 +249,7 @@ DINOMALY_SIZES: dict[str, tuple[str, int]] = {
 # resolution -> crop_pct: the share of the resized image the centre crop keeps (see the module doc)
 DINOMALY_RESOLUTIONS: dict[int, float] = {224: 1.0, 392: 392 / 448, 448: 1.0}
 
-# ViT-B and ViT-L checkpoints (with optimiser state) weigh 1.4 and 4.6 GB, which makes the contract
+# ViT-B and ViT-L checkpoints (with optimiser state) weigh 1.3 and 2.7 GB, which makes the contract
 # test take minutes per entry on 2 cores: their contract-test configuration is the ViT-S encoder (the
 # same path from tokens to maps); tests/models/test_dinomaly.py runs ViT-B and ViT-L end to end
 _TINY_ENCODER = {"small": "dinov2_vit_small_14", "base": "dinov2_vit_small_14", "large": "dinov2_vit_small_14"}

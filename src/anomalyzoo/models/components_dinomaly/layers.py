@@ -1,10 +1,10 @@
-"""The two layers Dinomaly adds to a plain ViT (arXiv 2405.14325, sec. 3.3-3.4).
+"""The two layers Dinomaly adds to a plain ViT (arXiv 2405.14325, sec. 3).
 
-- :class:`DinomalyMLP`, the *noisy bottleneck* (sec. 3.3): an ordinary ViT MLP whose dropout
+- :class:`DinomalyMLP`, the *noisy bottleneck* ("Noisy Bottleneck"): an ordinary ViT MLP whose dropout
   (rate 0.2) is the only noise injected; dropout is applied to its input as well as after each
   layer (authors' ``models/vision_transformer.py``, ``bMlp``; both linear layers keep their bias
   as there; anomalib drops the biases, we follow the authors).
-- :class:`LinearAttention` (sec. 3.4): attention with the feature map phi(x) = elu(x) + 1
+- :class:`LinearAttention` ("Linear Attention"): attention with the feature map phi(x) = elu(x) + 1
   instead of the softmax (Katharopoulos et al. 2020), which "naturally cannot focus" and so does
   not learn the identity mapping. Computed in O(N) as phi(Q) (phi(K)^T V) normalised by
   phi(Q) sum_s phi(K_s) (authors' ``LinearAttention2``, the one their training scripts use).
@@ -33,7 +33,7 @@ class DinomalyMLP(nn.Module):
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = elu(x) + 1 > 0 (sec. 3.4)."""
+    """phi(x) = elu(x) + 1 > 0."""
     return F.elu(x) + 1.0
 
 

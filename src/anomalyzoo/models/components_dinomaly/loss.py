@@ -1,4 +1,4 @@
-"""Loose reconstruction's loss (arXiv 2405.14325, sec. 3.5, eq. 5-6; authors' ``utils.py``
+"""Loose reconstruction's loss (arXiv 2405.14325, sec. 3, "Loose Reconstruction"; authors' ``utils.py``
 ``global_cosine_hm_percent``, the loss their training scripts use).
 
 For each group k of fused layers (two groups: the encoder's first and last four target

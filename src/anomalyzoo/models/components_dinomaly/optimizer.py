@@ -1,4 +1,4 @@
-"""Dinomaly's optimiser and schedule (arXiv 2405.14325, sec. 4.1 / appendix B; authors'
+"""Dinomaly's optimiser and schedule (arXiv 2405.14325, implementation details; authors'
 ``optimizers/StableAdamW.py`` and ``utils.py`` ``WarmCosineScheduler``).
 
 - :class:`StableAdamW` (Wortsman et al. 2023): AdamW with decoupled weight decay

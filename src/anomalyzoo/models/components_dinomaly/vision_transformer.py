@@ -1,4 +1,4 @@
-"""Dinomaly's two transformers (arXiv 2405.14325, sec. 3.2-3.4; authors' ``models/uad.py``
+"""Dinomaly's two transformers (arXiv 2405.14325, sec. 3; authors' ``models/uad.py``
 ``ViTill`` and ``models/vision_transformer.py`` ``Block``).
 
 - :class:`DinoV2Encoder`: timm's DINOv2 ViT (the official architecture and weights, see
