@@ -63,7 +63,12 @@ SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_s
     "autoencoder": ({"latent_dim": 128}, 50, 16, 256, False),
     "ganomaly": ({"n_features": 64, "latent_vec_size": 256}, 20, 8, 256, False),
     "uninet": ({"backbone": "wide_resnet50_2", "temperature": 0.4}, 20, 4, 256, True),
+    **{f"dinomaly-{size}-{img}": ({"encoder_name": f"dinov2_vit_{size}_14", "bottleneck_dropout": 0.2, "decoder_depth": 8},
+                                  15, batch, img, True)
+       for size, batch in (("small", 32), ("base", 16), ("large", 8)) for img in (224, 392, 448)},
 }
+# training keys beyond the spec's four: how the image reaches img_size (Dinomaly's R448-C392)
+EXTRA_TRAIN_KEYS = {f"dinomaly-{size}-392": {"crop_pct": 392 / 448} for size in ("small", "base", "large")}
 
 
 @pytest.mark.parametrize("name", sorted(SPEC_DEFAULTS))
@@ -71,7 +76,8 @@ def test_every_registered_model_has_the_spec_defaults_and_a_trainer(name):
     model_config, epochs, batch, img_size, normalize = SPEC_DEFAULTS[name]
     config = ModelRegistry.get_model_config(name)
     assert {key: config[key] for key in model_config} == model_config
-    assert ModelRegistry.get_train_config(name) == {"num_epochs": epochs, "batch_size": batch, "img_size": img_size, "normalize": normalize}
+    assert ModelRegistry.get_train_config(name) == {"num_epochs": epochs, "batch_size": batch, "img_size": img_size,
+                                                    "normalize": normalize, **EXTRA_TRAIN_KEYS.get(name, {})}
     trainer_class = ModelRegistry.get_trainer_class(name)
     assert trainer_class.__name__.endswith("Trainer")
     assert (trainer_class.__module__ and __import__(trainer_class.__module__, fromlist=["_"]).__doc__), "the module must cite its paper"

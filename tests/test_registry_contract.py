@@ -31,7 +31,7 @@ def tiny_trainer(name: str) -> tuple[BaseTrainer, dict[str, Any]]:
 def loaders(dataset_dir: Path, train_values: dict[str, Any]):
     train_loader, test_loader = get_dataloaders("mvtec", CATEGORY, img_size=train_values["img_size"],
                                                 batch_size=train_values["batch_size"], normalize=train_values["normalize"],
-                                                dataset_dir=dataset_dir, seed=0)
+                                                dataset_dir=dataset_dir, seed=0, crop_pct=train_values.get("crop_pct", 1.0))
     train_loader, val_loader = split_validation(train_loader, 0.1, seed=0)
     return train_loader, val_loader, test_loader
 

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--abnormal-dir", nargs="+", help="folder dataset: folder(s) of defective images")
     train.add_argument("--mask-dir", help="folder dataset: masks paired by file stem (optionally '_mask')")
     train.add_argument("--normal-test-dir", help="folder dataset: normal test images (else a seeded split)")
+    train.add_argument("--multiclass", action="store_true",
+                       help="train ONE model on the union of the --category list (metrics per category and their mean)")
     train.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     add_global_options(train)
@@ -126,6 +128,8 @@ def command_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for model in args.model:
         ModelRegistry.get(model)
+    if args.multiclass:
+        return command_train_multiclass(args, overrides)
     if len(args.category) == 1 and len(args.model) == 1:
         result = train(args.dataset, args.category[0], args.model[0], **overrides)
         print(json.dumps({k: result[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max",
@@ -135,14 +139,28 @@ def command_train(args: argparse.Namespace) -> int:
     return 1 if any(row.get("error") for row in rows) else 0
 
 
+def command_train_multiclass(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """``--multiclass``: one model per --model on the union of the categories; prints the summary."""
+    from pathlib import Path
+
+    from anomalyzoo.train import train
+
+    for model in args.model:
+        result = train(args.dataset, list(args.category), model, **overrides)
+        print(f"{model} on {', '.join(result['categories'])} (one model): {result['output_dir']}")
+        print((Path(result["output_dir"]) / "summary.md").read_text())
+    return 0
+
+
 def command_list() -> int:
     for family, names in ModelRegistry.list_by_category().items():
         print(f"{family}:")
         for name in names:
             model = ", ".join(f"{k}={v}" for k, v in ModelRegistry.get_model_config(name).items())
             train = ModelRegistry.get_train_config(name)
+            crop = f" crop_pct={train['crop_pct']:g}" if train.get("crop_pct", 1.0) != 1.0 else ""
             print(f"  {name:<28} {model}  | epochs={train['num_epochs']} batch={train['batch_size']} "
-                  f"img={train['img_size']} normalize={train['normalize']}")
+                  f"img={train['img_size']}{crop} normalize={train['normalize']}")
             paper = ModelRegistry.get(name).paper_schedule
             if paper:
                 values = " ".join(f"{k}={v}" for k, v in paper.items())

@@ -149,7 +149,7 @@ def predict_images(
         chunk, images = [], []
         for path, stem in inputs[start:start + batch_size]:
             try:
-                images.append(image_to_tensor(load_rgb_image(path), config.img_size, config.normalize))
+                images.append(image_to_tensor(load_rgb_image(path), config.img_size, config.normalize, config.crop_pct))
                 chunk.append((path, stem))
             except ImageReadError as error:
                 if strict:

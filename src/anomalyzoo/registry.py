@@ -141,6 +141,7 @@ MODEL_MODULES = (
     "anomalyzoo.models.dsr",
     "anomalyzoo.models.dfm",
     "anomalyzoo.models.uninet",
+    "anomalyzoo.models.dinomaly",
 )
 
 ModelRegistry.register_all_models()

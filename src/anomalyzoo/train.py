@@ -163,7 +163,7 @@ def normal_threshold_results(trainer: BaseTrainer, predictions: Predictions) -> 
 
 def train(
     dataset_type: str,
-    category: str,
+    category: str | Sequence[str],
     model_type: str,
     num_epochs: int | None = None,
     batch_size: int | None = None,
@@ -188,7 +188,17 @@ def train(
     and ``category`` names the run. ``run_dir`` names the exact folder to write (a sweep assigns
     and records its jobs' folders); without it the folder is chosen as the module docstring says.
     Returns the metrics and run facts (also in metrics.json).
+
+    A list of categories trains ONE model on all of their normal images and reports each
+    category and the mean (:mod:`anomalyzoo.multiclass`, under ``<dataset>/multiclass-<n>/<model>/``).
     """
+    if not isinstance(category, str):
+        from anomalyzoo.multiclass import train_multiclass
+
+        return train_multiclass(dataset_type, category, model_type, num_epochs=num_epochs, batch_size=batch_size,
+                                img_size=img_size, normalize=normalize, output_dir=output_dir, dataset_dir=dataset_dir,
+                                overwrite=overwrite, resume=resume, device=device, max_maps=max_maps, run_dir=run_dir,
+                                **overrides)
     ModelRegistry.get(model_type)  # unknown names fail before any work
     overrides = {"num_epochs": num_epochs, "batch_size": batch_size, "img_size": img_size, "normalize": normalize, **overrides}
     folder_options = {key: overrides.pop(key) for key in FOLDER_OPTIONS if key in overrides}
@@ -205,7 +215,7 @@ def train(
     train_loader, test_loader = get_dataloaders(
         dataset_type, category, img_size=train_config.img_size, batch_size=train_config.batch_size,
         normalize=train_config.normalize, dataset_dir=dataset_dir, seed=train_config.seed,
-        folder_options=folder_options or None,
+        folder_options=folder_options or None, crop_pct=train_config.crop_pct,
     )
     # validation = a seeded share of the *normal training* images; the test split is only read
     # by the final evaluation below

@@ -191,3 +191,24 @@ def test_mask_with_a_different_size_than_its_image_is_an_error_naming_it(tmp_pat
     dataset = _dataset_with_mask(tmp_path, (40, 24), (20, 12))
     with pytest.raises(DatasetError, match=r"img_mask\.png.*20x12.*40x24"):
         dataset[0]
+
+
+def test_crop_pct_resizes_then_centre_crops_image_and_mask_alike():
+    """Dinomaly's R448-C392 in small: 16 px with crop_pct 0.5 -> resize to 32, keep the middle 16."""
+    from anomalyzoo.data.transforms import center_crop_box, resize_and_crop_mask, resize_size_for_crop
+
+    assert resize_size_for_crop(392, 392 / 448) == 448 and center_crop_box(448, 392) == (28, 28, 420, 420)
+    assert resize_size_for_crop(224) == 224
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[8:24, 8:24] = 255  # a white square that is exactly the central crop
+    tensor = image_to_tensor(Image.fromarray(pixels), 16, normalize=False, crop_pct=0.5)
+    assert tensor.shape == (3, 16, 16) and torch.all(tensor == 1.0)
+    full = image_to_tensor(Image.fromarray(pixels), 16, normalize=False)  # no crop: the border stays
+    assert full[:, 0, 0].max() == 0.0 and full[:, 8, 8].min() == 1.0
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[0:8, 0:8] = True  # outside the crop
+    mask[15, 15] = True  # inside: (15, 15) of 32 -> (7, 7) of the crop
+    cropped = resize_and_crop_mask(mask, 16, crop_pct=0.5)
+    assert cropped.shape == (16, 16) and cropped.sum() == 1 and cropped[7, 7] == 1
+    with pytest.raises(ValueError, match="crop_pct"):
+        resize_size_for_crop(16, 1.5)

@@ -67,12 +67,14 @@ def get_datasets(
     seed: int | None = None,
     custom_dataset: str | None = None,
     folder_options: dict | None = None,
+    crop_pct: float = 1.0,
 ) -> tuple[AnomalyDataset, AnomalyDataset]:
     """(train, test) datasets of one category, from ``dataset_dir/<dataset_type>/``
     (``dataset_dir`` defaults to the DATASET_DIR setting; ``seed``, which only the custom and
     folder train/test splits use, to the SEED setting). For ``dataset_type="folder"`` the folders
     come from ``folder_options`` (``normal_dir``, ``abnormal_dir``, ``mask_dir``, ``normal_test_dir``,
-    ``normal_split_ratio``; see :mod:`anomalyzoo.data.folder`) and ``category`` only names the run."""
+    ``normal_split_ratio``; see :mod:`anomalyzoo.data.folder`) and ``category`` only names the run.
+    ``crop_pct < 1`` resizes to ``img_size / crop_pct`` and centre-crops ``img_size`` (images and masks)."""
     settings = get_settings()
     if dataset_type not in DATASET_TYPES:
         raise DatasetError(f"Unknown dataset type '{dataset_type}'; expected one of {', '.join(DATASET_TYPES)}.")
@@ -81,7 +83,7 @@ def get_datasets(
     if dataset_type == "folder":
         layout = FolderLayout.from_options(**(folder_options or {}))
         train, test = (folder_samples(layout, split, seed) for split in ("train", "test"))
-        return _datasets(train, test, img_size, normalize, supports_masks=layout.mask_dir is not None)
+        return _datasets(train, test, img_size, normalize, supports_masks=layout.mask_dir is not None, crop_pct=crop_pct)
     root = base_dir / dataset_type
     if not root.is_dir() and (base_dir / category).is_dir():
         raise DatasetError(
@@ -94,15 +96,16 @@ def get_datasets(
     else:
         find_samples = {"mvtec": mvtec_samples, "visa": visa_samples, "btad": btad_samples}[dataset_type]
         train, test = (find_samples(root, category, split) for split in ("train", "test"))
-    return _datasets(train, test, img_size, normalize, supports_masks=_HAS_MASKS[dataset_type])
+    return _datasets(train, test, img_size, normalize, supports_masks=_HAS_MASKS[dataset_type], crop_pct=crop_pct)
 
 
 def _datasets(train: list[Sample], test: list[Sample], img_size: int, normalize: bool,
-              supports_masks: bool) -> tuple[AnomalyDataset, AnomalyDataset]:
+              supports_masks: bool, crop_pct: float = 1.0) -> tuple[AnomalyDataset, AnomalyDataset]:
     """A category has masks when its layout supports them and its defective images have them (an
     MVTec-layout category without ``ground_truth/`` has image-level labels only)."""
     has_masks = supports_masks and any(s.mask_path is not None for s in test if s.label == 1)
-    return AnomalyDataset(train, img_size, normalize, has_masks), AnomalyDataset(test, img_size, normalize, has_masks)
+    return (AnomalyDataset(train, img_size, normalize, has_masks, crop_pct),
+            AnomalyDataset(test, img_size, normalize, has_masks, crop_pct))
 
 
 def get_dataloaders(
@@ -119,6 +122,7 @@ def get_dataloaders(
     test_batch_size: int | None = None,
     custom_dataset: str | None = None,
     folder_options: dict | None = None,
+    crop_pct: float = 1.0,
 ) -> tuple[DataLoader, DataLoader]:
     """(train_loader, test_loader) for one category. The train loader shuffles with a
     generator seeded from ``seed`` (so a run is repeatable) and keeps the last partial batch:
@@ -131,7 +135,7 @@ def get_dataloaders(
     persistent_workers = settings.persistent_workers if persistent_workers is None else persistent_workers
     train_set, test_set = get_datasets(
         dataset_type, category, img_size=img_size, normalize=normalize, dataset_dir=dataset_dir,
-        seed=seed, custom_dataset=custom_dataset, folder_options=folder_options,
+        seed=seed, custom_dataset=custom_dataset, folder_options=folder_options, crop_pct=crop_pct,
     )
     options = {
         "num_workers": num_workers,

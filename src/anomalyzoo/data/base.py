@@ -20,7 +20,7 @@ from anomalyzoo.data.transforms import (
     image_to_tensor,
     load_rgb_image,
     read_binary_mask,
-    resize_mask,
+    resize_and_crop_mask,
 )
 
 SPLITS = ("train", "test")
@@ -117,9 +117,11 @@ class AnomalyDataset(Dataset):
         defect_type  str, 'good' for normal images
     """
 
-    def __init__(self, samples: list[Sample], img_size: int, normalize: bool, has_masks: bool) -> None:
+    def __init__(self, samples: list[Sample], img_size: int, normalize: bool, has_masks: bool,
+                 crop_pct: float = 1.0) -> None:
         self.samples = list(samples)
         self.img_size = int(img_size)
+        self.crop_pct = float(crop_pct)  # < 1: resize to img_size / crop_pct, then centre-crop (image and mask)
         self.normalize = bool(normalize)
         self.has_masks = bool(has_masks)
 
@@ -144,14 +146,14 @@ class AnomalyDataset(Dataset):
                 f"'{sample.image_path}' is {image_size[0]}x{image_size[1]} (width x height); "
                 f"a mask must have its image's size. Re-export the mask or fix the pairing."
             )
-        return resize_mask(mask, size)
+        return resize_and_crop_mask(mask, self.img_size, self.crop_pct)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         img = load_rgb_image(sample.image_path)
         mask = self._mask(sample, img.size)
         return {
-            "image": image_to_tensor(img, self.img_size, self.normalize),
+            "image": image_to_tensor(img, self.img_size, self.normalize, self.crop_pct),
             "label": torch.tensor(int(sample.label), dtype=torch.int64),
             "mask": torch.from_numpy(mask.astype(np.float32)),
             "path": str(sample.image_path),

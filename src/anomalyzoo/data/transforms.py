@@ -149,14 +149,43 @@ def load_mask(path: str | Path, size: tuple[int, int], nonzero: bool = False) ->
     return resize_mask(read_binary_mask(path, nonzero=nonzero), size)
 
 
-def image_to_tensor(img: Image.Image, img_size: int, normalize: bool) -> torch.Tensor:
+def resize_size_for_crop(img_size: int, crop_pct: float = 1.0) -> int:
+    """The side images are resized to before a centre crop of ``img_size`` keeps ``crop_pct`` of
+    it (timm's ``crop_pct``): ``round(img_size / crop_pct)``; ``img_size`` itself for 1.0 (no crop).
+    Dinomaly's R448-C392 is ``img_size=392, crop_pct=0.875``."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return int(round(img_size / crop_pct))
+
+
+def center_crop_box(resized: int, img_size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred ``img_size`` square in a ``resized`` square
+    (torchvision's CenterCrop offsets: ``round((resized - img_size) / 2)``)."""
+    offset = int(round((resized - img_size) / 2.0))
+    return offset, offset, offset + img_size, offset + img_size
+
+
+def resize_and_crop_mask(mask: np.ndarray, img_size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """A mask through the same geometry as :func:`image_to_tensor`: nearest resize, centre crop."""
+    resized = resize_size_for_crop(img_size, crop_pct)
+    binary = resize_mask(mask, (resized, resized))
+    left, top, right, bottom = center_crop_box(resized, img_size)
+    return np.ascontiguousarray(binary[top:bottom, left:right])
+
+
+def image_to_tensor(img: Image.Image, img_size: int, normalize: bool, crop_pct: float = 1.0) -> torch.Tensor:
     """RGB image -> float32 tensor (3, img_size, img_size) in [0, 1], ImageNet-normalised when
     ``normalize``. Pillow's bilinear resize filters over the whole source footprint when it
-    shrinks (i.e. it antialiases), so large images are not aliased on the way down."""
+    shrinks (i.e. it antialiases), so large images are not aliased on the way down. With
+    ``crop_pct < 1`` the image is resized to ``round(img_size / crop_pct)`` and centre-cropped to
+    ``img_size`` (the resize-then-crop evaluation transform of timm and of Dinomaly)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    if img.size != (img_size, img_size):
-        img = img.resize((img_size, img_size), Image.Resampling.BILINEAR)
+    resized = resize_size_for_crop(img_size, crop_pct)
+    if img.size != (resized, resized):
+        img = img.resize((resized, resized), Image.Resampling.BILINEAR)
+    if resized != img_size:
+        img = img.crop(center_crop_box(resized, img_size))
     pixels = np.asarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     if normalize:

@@ -51,6 +51,9 @@ class TrainConfig:
     num_steps: int | None = None
     batch_size: int = 8
     img_size: int = 256
+    # < 1: images (and masks) are resized to img_size / crop_pct and centre-cropped to img_size
+    # (timm's crop_pct; Dinomaly's R448-C392 is img_size 392, crop_pct 0.875); 1.0: resized only
+    crop_pct: float = 1.0
     normalize: bool = True
     seed: int = 42
     # seeded share of the normal *training* images held out for validation, early stopping,
