@@ -62,6 +62,9 @@ SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_s
     "dsr": ({"latent_anomaly_strength": 0.2, "embedding_dim": 128, "num_embeddings": 4096}, 50, 8, 256, False),
     "autoencoder": ({"latent_dim": 128}, 50, 16, 256, False),
     "ganomaly": ({"n_features": 64, "latent_vec_size": 256}, 20, 8, 256, False),
+    "cfa": ({"backbone": "wide_resnet50_2"}, 20, 16, 256, True),
+    "supersimplenet": ({"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, 50, 16, 256, True),
+    "supersimplenet-supervised": ({"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, 50, 16, 256, True),
 }
 
 

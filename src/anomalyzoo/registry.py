@@ -140,6 +140,8 @@ MODEL_MODULES = (
     "anomalyzoo.models.draem",
     "anomalyzoo.models.dsr",
     "anomalyzoo.models.dfm",
+    "anomalyzoo.models.cfa",
+    "anomalyzoo.models.supersimplenet",
 )
 
 ModelRegistry.register_all_models()
