@@ -44,6 +44,11 @@ the authors' supervised runs are on KSDD2 and SensumSODF, which have labelled tr
 a seeded ``labelled_anomaly_fraction`` (default 50 %) of each defect type's test images moves,
 with its masks, to the training set and leaves the test set; every metric is computed on the
 images that remain (see ``anomalyzoo.data.move_labelled_anomalies``; the run's results say so).
+The noise is in feature units: the paper's sigma 0.015 was chosen for WideResNet-50's layer2+3.
+EfficientNet-Lite0's upscaled features are much larger (MVTec bottle at 256 px: std 6.0, median
+per-channel std 4.6), so with that backbone the same sigma is a far smaller perturbation and the
+heads need many more steps to learn it; ``noise_std`` can be scaled with the backbone.
+
 Deviations: the authors' supervised loader balances each epoch (every labelled defect, flipped
 three ways, and as many normal images chosen by inverse retrieval frequency); here an epoch is
 every normal training image and every labelled defect once, shuffled, without flips. The focal
