@@ -12,6 +12,7 @@ from anomalyzoo.models.cfa import (
     kmeans,
     soft_min_scores,
 )
+from anomalyzoo.models.components.trainer import read_checkpoint
 from anomalyzoo.predict import load_trainer
 
 
@@ -180,3 +181,34 @@ def test_cfa_end_to_end_on_synthetic_data(synthetic_dataset_dir, lite0_weights, 
     assert auroc(predictions.labels, predictions.scores) == pytest.approx(result["image_auroc"], abs=1e-6)
     normal, defective = predictions.scores[predictions.labels == 0], predictions.scores[predictions.labels == 1]
     assert defective.mean() > normal.mean()
+
+
+class StopAfterTwoEpochs(Exception):
+    pass
+
+
+def test_a_resumed_run_keeps_its_memory_bank_and_ends_like_an_uninterrupted_one(synthetic_dataset_dir, tmp_path, monkeypatch):
+    """Stopped after epoch 1's checkpoint and resumed: the memory bank comes from the checkpoint
+    (it is not rebuilt with the trained descriptor) and the run ends where an uninterrupted one does."""
+    tiny = dict(backbone="resnet18", pretrained=False, img_size=64, batch_size=8, num_epochs=2, progress=False, max_maps=0)
+    whole = train("mvtec", "synthetic_texture", "cfa", dataset_dir=synthetic_dataset_dir, output_dir=tmp_path / "whole", **tiny)
+    original_hook = CfaTrainer.on_epoch_end
+
+    def stop_after_two(self, epoch, record):
+        original_hook(self, epoch, record)
+        if self.epoch == 2:
+            raise StopAfterTwoEpochs
+
+    monkeypatch.setattr(CfaTrainer, "on_epoch_end", stop_after_two)
+    with pytest.raises(StopAfterTwoEpochs):
+        train("mvtec", "synthetic_texture", "cfa", dataset_dir=synthetic_dataset_dir, output_dir=tmp_path / "split", **tiny)
+    monkeypatch.setattr(CfaTrainer, "on_epoch_end", original_hook)
+    built = []
+    monkeypatch.setattr(CfaTrainer, "on_train_start", lambda self: built.append(self.model.has_memory_bank))
+    resumed = train("mvtec", "synthetic_texture", "cfa", dataset_dir=synthetic_dataset_dir, output_dir=tmp_path / "split",
+                    resume=True, **tiny)
+    assert built == [True]  # epoch 2 started with the checkpoint's memory bank
+    assert resumed["image_auroc"] == whole["image_auroc"] and resumed["pixel_auroc"] == whole["pixel_auroc"]
+    whole_state = read_checkpoint(whole["checkpoint"])["model_state"]
+    resumed_state = read_checkpoint(resumed["checkpoint"])["model_state"]
+    assert all(torch.equal(value, resumed_state[key]) for key, value in whole_state.items())

@@ -16,6 +16,7 @@ from anomalyzoo.models.supersimplenet import (
     supersimplenet_losses,
     truncated_l1_loss,
 )
+from anomalyzoo.models.components.trainer import read_checkpoint
 from anomalyzoo.predict import load_trainer
 
 
@@ -241,3 +242,34 @@ def test_supervised_run_reports_its_protocol(synthetic_dataset_dir, lite0_weight
     results_text = next(tmp_path.rglob("results_*_thresholds.txt")).read_text()
     assert "supervised protocol" in results_text
     assert result["image_auroc"] >= 0.9
+
+
+class StopAfterTwoEpochs(Exception):
+    pass
+
+
+def test_a_resumed_supervised_run_ends_like_an_uninterrupted_one(synthetic_dataset_dir, tmp_path, monkeypatch):
+    """The labelled defects, the Perlin masks and the noise are all seeded: a supervised run
+    stopped after epoch 1's checkpoint and resumed trains on the same images and ends identically."""
+    tiny = dict(backbone="resnet18", pretrained=False, img_size=64, batch_size=8, num_epochs=2, progress=False, max_maps=0)
+    whole = train("mvtec", "synthetic_texture", "supersimplenet-supervised", dataset_dir=synthetic_dataset_dir,
+                  output_dir=tmp_path / "whole", **tiny)
+    original_hook = SupersimplenetTrainer.on_epoch_end
+
+    def stop_after_two(self, epoch, record):
+        original_hook(self, epoch, record)
+        if self.epoch == 2:
+            raise StopAfterTwoEpochs
+
+    monkeypatch.setattr(SupersimplenetTrainer, "on_epoch_end", stop_after_two)
+    with pytest.raises(StopAfterTwoEpochs):
+        train("mvtec", "synthetic_texture", "supersimplenet-supervised", dataset_dir=synthetic_dataset_dir,
+              output_dir=tmp_path / "split", **tiny)
+    monkeypatch.setattr(SupersimplenetTrainer, "on_epoch_end", original_hook)
+    resumed = train("mvtec", "synthetic_texture", "supersimplenet-supervised", dataset_dir=synthetic_dataset_dir,
+                    output_dir=tmp_path / "split", resume=True, **tiny)
+    assert resumed["num_test_images"] == whole["num_test_images"]
+    assert resumed["image_auroc"] == whole["image_auroc"] and resumed["pixel_auroc"] == whole["pixel_auroc"]
+    whole_state = read_checkpoint(whole["checkpoint"])["model_state"]
+    resumed_state = read_checkpoint(resumed["checkpoint"])["model_state"]
+    assert all(torch.equal(value, resumed_state[key]) for key, value in whole_state.items())
