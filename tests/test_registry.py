@@ -66,6 +66,9 @@ SPEC_DEFAULTS = {  # SPEC.md sec. 7: name -> (model config, epochs, batch, img_s
     **{f"dinomaly-{size}-{img}": ({"encoder_name": f"dinov2_vit_{size}_14", "bottleneck_dropout": 0.2, "decoder_depth": 8},
                                   15, batch, img, True)
        for size, batch in (("small", 32), ("base", 16), ("large", 8)) for img in (224, 392, 448)},
+    "cfa": ({"backbone": "wide_resnet50_2"}, 20, 16, 256, True),
+    "supersimplenet": ({"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, 50, 16, 256, True),
+    "supersimplenet-supervised": ({"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"]}, 50, 16, 256, True),
 }
 # training keys beyond the spec's four: how the image reaches img_size (Dinomaly's R448-C392)
 EXTRA_TRAIN_KEYS = {f"dinomaly-{size}-392": {"crop_pct": 392 / 448} for size in ("small", "base", "large")}

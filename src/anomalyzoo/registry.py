@@ -142,6 +142,8 @@ MODEL_MODULES = (
     "anomalyzoo.models.dfm",
     "anomalyzoo.models.uninet",
     "anomalyzoo.models.dinomaly",
+    "anomalyzoo.models.cfa",
+    "anomalyzoo.models.supersimplenet",
 )
 
 ModelRegistry.register_all_models()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomalyzoo.data import FOLDER_OPTIONS, get_dataloaders, split_validation
+from anomalyzoo.data import FOLDER_OPTIONS, get_dataloaders, move_labelled_anomalies, split_validation
 from anomalyzoo.data.transforms import denormalize
 from anomalyzoo.metrics import compute_metrics, evaluate_threshold
 from anomalyzoo.models.components.trainer import TRAIN_KEYS, BaseTrainer, Predictions, TrainConfig
@@ -224,6 +224,12 @@ def train(
     print(f"{model_type}: {len(train_loader.dataset)} training images, {num_val_images} held out for validation "
           f"(val_fraction={train_config.val_fraction})")
     trainer = ModelRegistry.get_trainer(model_type, model_overrides, train_config, device)
+    notes: dict[str, str] = {}
+    labelled_fraction = float(getattr(trainer, "labelled_anomaly_fraction", 0.0))
+    if labelled_fraction > 0:  # supervised models: labelled defects leave the test split for training
+        train_loader, test_loader, notes["labelled_anomalies"] = move_labelled_anomalies(
+            train_loader, test_loader, labelled_fraction, train_config.seed)
+        print(notes["labelled_anomalies"])
     trainer.dataset_dir = Path(dataset_dir if dataset_dir is not None else settings.dataset_dir).expanduser()
     checkpoint_dir = run_dir / "checkpoints" if trainer.uses_optimizer else None
     if resume:
@@ -257,7 +263,7 @@ def train(
         "anomaly_maps": predictions.anomaly_maps is not None,
         "num_epochs": trainer.epoch,
         "num_steps": trainer.global_step,
-        "notes": trainer.run_notes(),
+        "notes": {**notes, **trainer.run_notes()},
         "model_results": model_results or None,
         "fit_seconds": fit_seconds,
         "inference_ms_per_image": predictions.ms_per_image,
@@ -277,6 +283,7 @@ def train(
                   num_train_images=len(train_loader.dataset),
                   validation=f"{num_val_images} normal training images held out (val_fraction={train_config.val_fraction}, "
                              f"seed {train_config.seed}); the test split is used only for this evaluation")
+    header.update(notes)
     header.update(trainer.run_notes())
     header.update(model_results)
     if predictions.anomaly_maps is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from anomalyzoo.data.base import AnomalyDataset, DatasetError, Sample
 from anomalyzoo.data.btad import btad_samples
@@ -34,6 +34,7 @@ __all__ = [
     "Sample",
     "get_dataloaders",
     "get_datasets",
+    "move_labelled_anomalies",
     "split_custom_category",
     "split_validation",
 ]
@@ -188,3 +189,48 @@ def split_validation(train_loader: DataLoader, val_fraction: float, seed: int) -
                                   generator=torch.Generator().manual_seed(int(seed)), **options)
     validation_loader = DataLoader(validation_part, batch_size=train_loader.batch_size, shuffle=False, **options)
     return new_train_loader, validation_loader
+
+
+def move_labelled_anomalies(train_loader: DataLoader, test_loader: DataLoader, fraction: float,
+                            seed: int) -> tuple[DataLoader, DataLoader, str]:
+    """The supervised protocol on datasets that keep every defect in the test split: a seeded
+    ``fraction`` of each defect type's test images (``floor(fraction * n)`` of its ``n``), with
+    their masks, joins the training images and leaves the test set; normal test images all stay.
+    Returns (train loader, test loader of what remains, a note saying what moved) so that every
+    metric is computed on images the model has not seen."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the labelled anomaly fraction must be in (0, 1), got {fraction}")
+    test_set = test_loader.dataset
+    if not isinstance(test_set, AnomalyDataset):
+        raise TypeError(f"move_labelled_anomalies needs the test loader of get_dataloaders, got a {type(test_set).__name__}")
+    if not test_set.has_masks:
+        raise DatasetError("Supervised training needs pixel masks of the defective test images, and this dataset "
+                           "has none; train the unsupervised model instead (e.g. 'supersimplenet').")
+    by_type: dict[str, list[int]] = {}
+    for index, sample in enumerate(test_set.samples):
+        if sample.label == 1:
+            by_type.setdefault(sample.defect_type, []).append(index)
+    generator = torch.Generator().manual_seed(int(seed))
+    moved: list[int] = []
+    counts = []
+    for defect_type in sorted(by_type):
+        indices = by_type[defect_type]
+        count = int(fraction * len(indices))
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        moved.extend(indices[j] for j in order[:count])
+        counts.append(f"{defect_type} {count}/{len(indices)}")
+    if not moved:
+        raise DatasetError(f"No defect type of the test split has enough images to move {fraction:.0%} of them to "
+                           f"training ({', '.join(counts) or 'no defective images'}).")
+    moved_set = set(moved)
+    kept = [index for index in range(len(test_set)) if index not in moved_set]
+    options = {"num_workers": train_loader.num_workers, "pin_memory": train_loader.pin_memory,
+               "persistent_workers": train_loader.persistent_workers}
+    train_set = ConcatDataset([train_loader.dataset, DatasetSplit(test_set, sorted(moved))])
+    new_train_loader = DataLoader(train_set, batch_size=train_loader.batch_size, shuffle=True, drop_last=False,
+                                  generator=torch.Generator().manual_seed(int(seed)), **options)
+    new_test_loader = DataLoader(DatasetSplit(test_set, kept), batch_size=test_loader.batch_size, shuffle=False, **options)
+    note = (f"supervised protocol: {len(moved)} defective test images ({', '.join(counts)}; seeded {fraction:.0%} "
+            f"of each defect type, seed {seed}) moved with their masks to training; metrics are on the remaining "
+            f"{len(kept)} test images")
+    return new_train_loader, new_test_loader, note
