@@ -1,4 +1,4 @@
-"""Command line: ``anomalyzoo train | list | demo | predict | distill-teacher | pretrain-dsr | sweep | summary | report``."""
+"""Command line: ``anomalyzoo train | list | demo | predict | export | distill-teacher | pretrain-dsr | sweep | summary | report``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", default="normal",
                          help="'normal' (label-free, from held-out normal training images; default), "
                               "'f1' (F1-optimal on the training run's test set) or a number")
+
+    export = commands.add_parser("export", help="a checkpoint as an ONNX, OpenVINO or TorchScript graph + metadata.json")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", choices=["onnx", "openvino", "torchscript"], default="onnx")
+    export.add_argument("--output", help="folder of the graph and metadata.json (default <checkpoint folder>/export_<format>)")
+    export.add_argument("--device", default="cpu")
 
     distill = commands.add_parser("distill-teacher", help="make EfficientAD's PDN teacher by distilling a pretrained backbone")
     distill.add_argument("--images", required=True, nargs="+", help="folder(s) of images to distil on (searched recursively)")
@@ -175,6 +181,15 @@ def command_predict(args: argparse.Namespace) -> int:
     failed = sum(1 for row in rows if row["error"])
     print(f"Scores and anomaly maps written to {output_dir}" + (f"; {failed} image(s) could not be read" if failed else ""))
     return 1 if failed else 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from anomalyzoo.deploy import export
+
+    path = export(args.checkpoint, args.format, args.output, device=args.device)
+    print(f"Exported to {path} (metadata in {path.parent / 'metadata.json'}); its scores equal the checkpoint's "
+          f"within 1e-4 (checked)")
+    return 0
 
 
 def command_distill_teacher(args: argparse.Namespace) -> int:
@@ -292,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_list()
         if args.command == "demo":
             return command_demo(args)
+        if args.command == "export":
+            return command_export(args)
         if args.command == "distill-teacher":
             return command_distill_teacher(args)
         if args.command == "pretrain-dsr":
@@ -299,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in SWEEP_COMMANDS:
             return SWEEP_COMMANDS[args.command](args)
         return command_predict(args)
-    except (KeyError, ValueError, OSError, TypeError) as error:
+    except (KeyError, ValueError, OSError, TypeError, ImportError) as error:
         print(f"anomalyzoo {args.command}: error: {error}", file=sys.stderr)
         return 2
 
