@@ -106,3 +106,47 @@ def test_export_refuses_a_graph_that_scores_differently(synthetic_dataset_dir, t
                         lambda self, images: {k: v * (1 + 1e-3) for k, v in original(self, images).items()})
     with pytest.raises(ExportError, match="relative"):
         export_trainer(trainer, "onnx", tmp_path)
+
+
+def test_predict_on_every_backend_gives_the_checkpoints_scores_and_verdicts(synthetic_dataset_dir, tmp_path, capsys):
+    """`anomalyzoo export` then `anomalyzoo predict --backend ...` on a folder (recursively, in
+    batches): the same scores, verdicts and maps as the torch checkpoint."""
+    import shutil
+
+    from anomalyzoo.cli import main
+
+    trainer, _ = fitted_tiny("patchcore", synthetic_dataset_dir)
+    checkpoint = trainer.save_model(tmp_path / "run" / "model.pth")
+    test_dir = synthetic_dataset_dir / "mvtec" / "synthetic_object" / "test"
+    images = tmp_path / "images"
+    for target, source in (("a/0.png", "good/000.png"), ("a/sub/1.png", "missing/000.png"), ("b/2.png", "good/001.png"),
+                           ("b/deeper/still/3.png", "scratch/000.png"), ("4.png", "spot/000.png")):
+        (images / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(test_dir / source, images / target)
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
+    runs = {"torch": checkpoint, "onnxruntime": tmp_path / "onnx", "openvino": tmp_path / "onnx",
+            "onnxruntime-from-checkpoint": checkpoint}
+    results = {}
+    for label, model in runs.items():
+        output = tmp_path / f"pred_{label}"
+        assert main(["predict", "--checkpoint", str(model), str(images), "--backend", label.split("-")[0],
+                     "--batch-size", "2", "--output-dir", str(output), "--num-threads", "1"]) == 0
+        results[label] = read_rows(output)
+    reference = results.pop("torch")
+    assert len(reference) == 5  # recursive, three batches
+    for label, rows in results.items():
+        assert [row["path"] for row in rows] == [row["path"] for row in reference], label
+        assert [row["verdict"] for row in rows] == [row["verdict"] for row in reference], label
+        scores, expected = (np.array([float(row["score"]) for row in table]) for table in (rows, reference))
+        assert relative_gap(scores, expected) <= EXPORT_RTOL, label
+        for row, reference_row in zip(rows, reference):
+            got_map, expected_map = (np.load(Path(r["map"]).with_suffix(".npy")) for r in (row, reference_row))
+            assert relative_gap(got_map, expected_map) <= EXPORT_RTOL, label
+    assert "exported" in capsys.readouterr().out  # the on-the-fly export says so
+
+
+def read_rows(folder: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(folder / "scores.csv") as handle:
+        return list(csv.DictReader(handle))

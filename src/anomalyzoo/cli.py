@@ -61,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--img-size", type=int, default=256)
 
-    predict = commands.add_parser("predict", help="score images with a saved model")
-    predict.add_argument("--checkpoint", required=True)
+    predict = commands.add_parser("predict", help="score images with a saved or exported model")
+    predict.add_argument("--checkpoint", required=True, help="a checkpoint (.pth) or a folder written by `anomalyzoo export`")
+    predict.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                         help="torch: the checkpoint (or a TorchScript export); onnxruntime / openvino: an export "
+                              "folder, or the checkpoint exported on the fly (pip install 'anomalyzoo[deploy]')")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--num-threads", type=int, help="CPU threads of the onnxruntime / openvino backend")
     predict.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     predict.add_argument("--output-dir", default="predictions",
                          help="where maps and scores.csv go (an existing one is kept: a new '-N' folder is used)")
@@ -175,7 +180,8 @@ def command_predict(args: argparse.Namespace) -> int:
 
     output_dir = free_output_dir(Path(args.output_dir), args.overwrite)
     rows = predict_images(args.checkpoint, args.images, output_dir, device=args.device, threshold=args.threshold,
-                          overwrite=True, strict=args.strict)
+                          overwrite=True, strict=args.strict, batch_size=args.batch_size, backend=args.backend,
+                          num_threads=args.num_threads)
     for row in rows:
         print(f"{row['score']:.4f}  {row['verdict'] or '-':<10} {row['path']}" + (f"  ({row['error']})" if row["error"] else ""))
     failed = sum(1 for row in rows if row["error"])
