@@ -150,3 +150,16 @@ def read_rows(folder: Path) -> list[dict[str, str]]:
 
     with open(folder / "scores.csv") as handle:
         return list(csv.DictReader(handle))
+
+
+def test_a_tiled_model_exports_with_its_tiling(synthetic_dataset_dir, tmp_path):
+    train_values = {"img_size": 64, "batch_size": 4, "tiling": [32, 16], "progress": False}
+    trainer = ModelRegistry.get_trainer("stfpm", {"backbone": "resnet18", "pretrained": False}, train_values, device="cpu")
+    train_loader, val_loader, test_loader = loaders(synthetic_dataset_dir, {**train_values, "normalize": True})
+    trainer.fit(train_loader, val_loader, num_epochs=1)
+    images = next(iter(test_loader))["image"][:3]
+    expected = trainer.predict(images)
+    assert expected["anomaly_map"].shape == (3, 64, 64)
+    export_trainer(trainer, "onnx", tmp_path)  # verified on export
+    assert json.loads((tmp_path / "metadata.json").read_text())["tiling"] == [32, 16]
+    assert_same_outputs(load_exported(tmp_path, "onnxruntime", num_threads=1).score(images), expected, "tiled stfpm")

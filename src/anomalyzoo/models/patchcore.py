@@ -132,6 +132,7 @@ class PatchcoreTrainer(FeatureBankTrainer):
     at the end of the epoch (no gradients, no optimiser)."""
 
     model_class = PatchcoreModel
+    supports_tiling = True  # components.tiler: train and score on tiles of large images
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return PatchcoreModel.flatten(self.model.embed(images))  # (B * h * w, D) patch features
