@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "folder, or the checkpoint exported on the fly (pip install 'anomalyzoo[deploy]')")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--num-threads", type=int, help="CPU threads of the onnxruntime / openvino backend")
+    predict.add_argument("--tiling", type=int, nargs=2, metavar=("IMG_SIZE", "STRIDE"),
+                         help="load images at IMG_SIZE and score them in tiles of the model's training size every "
+                              "STRIDE pixels (padim, patchcore, stfpm, reverse-distillation)")
     predict.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     predict.add_argument("--output-dir", default="predictions",
                          help="where maps and scores.csv go (an existing one is kept: a new '-N' folder is used)")
@@ -181,7 +184,7 @@ def command_predict(args: argparse.Namespace) -> int:
     output_dir = free_output_dir(Path(args.output_dir), args.overwrite)
     rows = predict_images(args.checkpoint, args.images, output_dir, device=args.device, threshold=args.threshold,
                           overwrite=True, strict=args.strict, batch_size=args.batch_size, backend=args.backend,
-                          num_threads=args.num_threads)
+                          num_threads=args.num_threads, tiling=args.tiling)
     for row in rows:
         print(f"{row['score']:.4f}  {row['verdict'] or '-':<10} {row['path']}" + (f"  ({row['error']})" if row["error"] else ""))
     failed = sum(1 for row in rows if row["error"])

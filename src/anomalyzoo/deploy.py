@@ -46,7 +46,8 @@ ONNX_OPSET = 17
 EXPORT_RTOL = 1e-4  # exported scores and maps equal the torch model's within this relative tolerance
 DEPLOY_HINT = "pip install 'anomalyzoo[deploy]'"
 
-# Why a model cannot become one static graph (shown by `anomalyzoo export` and the README).
+# Why a model has no ONNX (nor OpenVINO) graph; TorchScript, which runs the same torch operations,
+# exports every model (shown by `anomalyzoo export` and the README).
 NOT_EXPORTABLE: dict[str, str] = {
     "fastflow-deit": "timm resamples DeiT's position embedding with antialiased bicubic interpolation "
                      "(aten::_upsample_bicubic2d_aa), which has no ONNX operator",
@@ -119,8 +120,9 @@ def export_trainer(trainer: BaseTrainer, export_format: str = "onnx", output_dir
     """Write ``output_dir/<model file>`` and ``output_dir/metadata.json``; return the model file."""
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-    if trainer.model_type in NOT_EXPORTABLE:
-        raise ExportError(f"{trainer.model_type} cannot be exported: {NOT_EXPORTABLE[trainer.model_type]}")
+    if trainer.model_type in NOT_EXPORTABLE and export_format != "torchscript":
+        raise ExportError(f"{trainer.model_type} cannot be exported to {export_format}: {NOT_EXPORTABLE[trainer.model_type]} "
+                          f"(--format torchscript works)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.eval()

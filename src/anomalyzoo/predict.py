@@ -8,6 +8,7 @@ same threshold and normalisation (the checkpoint's, or the export's ``metadata.j
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import tempfile
 from collections.abc import Sequence
@@ -53,23 +54,43 @@ def is_export(path: Path) -> bool:
 
 
 def open_model(model_path: str | Path, backend: str = "torch", device: str | None = None,
-               num_threads: int | None = None, scratch_dir: str | Path | None = None) -> Any:
+               num_threads: int | None = None, scratch_dir: str | Path | None = None,
+               tiling: Sequence[int] | None = None) -> Any:
     """A scorer (``score(images) -> {"pred_score", "anomaly_map"}`` as arrays, with the threshold
-    attributes ``choose_threshold`` reads) for a checkpoint or an export folder on ``backend``."""
+    attributes ``choose_threshold`` reads) for a checkpoint or an export folder on ``backend``;
+    ``tiling`` re-tiles a checkpoint at predict time (:func:`with_tiling`)."""
     from anomalyzoo import deploy
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     model_path = Path(model_path)
     if is_export(model_path):
+        if tiling is not None:
+            raise ValueError(f"{model_path} is an export: its tiling is part of the graph (re-export a checkpoint)")
         return deploy.load_exported(model_path, backend, device, num_threads)
     if backend == "torch":
-        return TrainerScorer(load_trainer(model_path, device))
+        return TrainerScorer(with_tiling(load_trainer(model_path, device), tiling))
     if scratch_dir is None:
         raise ValueError(f"{model_path} is a checkpoint: export it first (anomalyzoo export --checkpoint {model_path}) "
                          f"to run it on {backend}")
-    deploy.export_trainer(load_trainer(model_path, "cpu"), "onnx", scratch_dir, source=str(model_path))
+    trainer = with_tiling(load_trainer(model_path, "cpu"), tiling)
+    deploy.export_trainer(trainer, "onnx", scratch_dir, source=str(model_path))
     return deploy.load_exported(scratch_dir, backend, "cpu", num_threads)
+
+
+def with_tiling(trainer: BaseTrainer, tiling: Sequence[int] | None) -> BaseTrainer:
+    """``tiling = [img_size, stride]`` at predict time: images are loaded at ``img_size`` and
+    scored in tiles of the size the model was fitted on (its training tile, else its training
+    ``img_size``) every ``stride`` pixels; the maps are stitched (``components.tiler``)."""
+    if tiling is None:
+        return trainer
+    img_size, stride = (int(value) for value in tiling)
+    config = trainer.train_config
+    tile_size = trainer.tiler.tile_size if trainer.tiler is not None else config.img_size
+    new_config = dataclasses.replace(config, img_size=img_size, tiling=[tile_size, stride])
+    trainer.tiler = trainer.make_tiler(new_config)
+    trainer.train_config = new_config
+    return trainer
 
 
 def load_trainer(checkpoint_path: str | Path, device: str | None = None) -> BaseTrainer:
@@ -181,6 +202,7 @@ def predict_images(
     progress: bool = True,
     backend: str = "torch",
     num_threads: int | None = None,
+    tiling: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every image of ``image_paths`` (files, or folders searched recursively); write
     ``<stem>_anomaly_map.png`` (figure) and ``.npy`` mirroring the inputs' relative paths, and
@@ -192,10 +214,11 @@ def predict_images(
     on the first instead. ``normalized_score`` is 0.5 at the label-free threshold for every model
     (see ``metrics.normalization``); it is empty for checkpoints trained without a validation split.
     ``checkpoint_path`` is a checkpoint or an export folder; ``backend`` runs it (module docstring).
-    Images go through the model ``batch_size`` at a time, with a progress bar over the images."""
+    Images go through the model ``batch_size`` at a time, with a progress bar over the images.
+    ``tiling=[img_size, stride]`` scores a checkpoint tile by tile at ``img_size`` (:func:`with_tiling`)."""
     inputs = expand_inputs(image_paths)
     with tempfile.TemporaryDirectory(prefix="anomalyzoo-export-") as scratch:
-        model = open_model(checkpoint_path, backend, device, num_threads, scratch)
+        model = open_model(checkpoint_path, backend, device, num_threads, scratch, tiling)
         if backend != "torch" and not is_export(Path(checkpoint_path)):
             print(f"note: exported {checkpoint_path} to ONNX for {backend} (checked against torch); "
                   f"`anomalyzoo export` keeps the export for the next run")

@@ -116,3 +116,20 @@ def test_a_defect_lost_at_the_model_size_is_found_with_tiling(tmp_path):
     rows_of_defect, columns_of_defect = np.nonzero(mask)
     assert rows_of_defect.min() - 8 <= peak[0] <= rows_of_defect.max() + 8
     assert columns_of_defect.min() - 8 <= peak[1] <= columns_of_defect.max() + 8
+
+
+def test_predict_can_tile_a_model_trained_on_whole_images(synthetic_dataset_dir, tmp_path):
+    """--tiling IMG_SIZE STRIDE: a 64-px model scores a 128-px load of the file in 64-px tiles."""
+    from anomalyzoo.data.transforms import image_to_tensor, load_rgb_image
+    from anomalyzoo.predict import load_trainer, predict_images
+
+    result = train("mvtec", "synthetic_object", "padim", dataset_dir=synthetic_dataset_dir, output_dir=tmp_path / "run",
+                   backbone="resnet18", pretrained=False, img_size=64, progress=False, max_maps=0)
+    image = synthetic_dataset_dir / "mvtec" / "synthetic_object" / "test" / "missing" / "000.png"
+    rows = predict_images(result["checkpoint"], [image], tmp_path / "out", tiling=[128, 32], progress=False)
+    anomaly_map = np.load(Path(rows[0]["map"]).with_suffix(".npy"))
+    trainer = load_trainer(result["checkpoint"], device="cpu")
+    expected = tiled_scores(trainer.model.eval(), Tiler(64, 32), image_to_tensor(load_rgb_image(image), 128, True)[None])
+    assert anomaly_map.shape == (128, 128)
+    np.testing.assert_allclose(anomaly_map, expected["anomaly_map"][0].detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert rows[0]["score"] == pytest.approx(float(expected["pred_score"][0]), rel=1e-5)
