@@ -3,14 +3,15 @@
     python benchmarks/bench_inference.py --dataset-dir ../shared/data
     python benchmarks/bench_inference.py --models patchcore --threads 2 --runs 5
 
-Each model is built at 256 px with its registry architecture (PaDiM with ResNet-18: see
-``ARCHITECTURES``) and random weights (the speed of a graph does not depend on its weight values;
-no weight file is needed). PaDiM's Gaussians and PatchCore's memory bank are fitted on real
+Each model is built at 256 px on ``--backbone`` (default efficientnet_lite0, as
+``bench_models.py``; ``--backbone registry`` keeps each registry row's own, with PaDiM on
+ResNet-18: see ``ARCHITECTURES``) with random weights (the speed of a graph does not depend on its
+weight values; no weight file is needed). EfficientAD has no backbone option (its PDN). PaDiM's Gaussians and PatchCore's memory bank are fitted on real
 images (the first ``--fit-images`` bottle training images; PatchCore's bank is all their patch
 features, as many as bottle's full 10 % coreset, so its kNN costs what it costs on bottle). The
 model is exported to ONNX (and from there to OpenVINO IR), checked against torch as every export
 is, and each backend scores the same bottle test images: ``--warmup`` untimed runs, then
-``--runs`` timed ones. PatchCore is also timed with ``knn_backend="faiss"`` on torch.
+``--runs`` timed ones, the backends taking turns (median reported). PatchCore is also timed with ``knn_backend="faiss"`` on torch.
 Prints a Markdown table: ms per image and images per second for each (model, backend, batch).
 """
 
@@ -43,8 +44,10 @@ def bottle_images(dataset_dir: Path, split: str, count: int, img_size: int, norm
     return torch.stack([image_to_tensor(load_rgb_image(path), img_size, normalize) for path in paths])
 
 
-def build(name: str, fit_images: torch.Tensor, img_size: int, knn_backend: str = "torch") -> Any:
-    options: dict[str, Any] = {"pretrained": False, **ARCHITECTURES.get(name, {})}
+def build(name: str, fit_images: torch.Tensor, img_size: int, backbone: str, knn_backend: str = "torch") -> Any:
+    options: dict[str, Any] = {"pretrained": False}
+    if "backbone" in ModelRegistry.get_model_config(name):
+        options.update(ARCHITECTURES.get(name, {}) if backbone == "registry" else {"backbone": backbone})
     if name == "patchcore":
         options["knn_backend"] = knn_backend
     trainer = ModelRegistry.get_trainer(name, options, {"img_size": img_size, "progress": False}, device="cpu")
@@ -58,16 +61,19 @@ def build(name: str, fit_images: torch.Tensor, img_size: int, knn_backend: str =
     return trainer
 
 
-def time_runs(score: Any, images: torch.Tensor, warmup: int, runs: int) -> float:
-    """Median seconds of one call on ``images``."""
-    for _ in range(warmup):
-        score(images)
-    seconds = []
+def time_round_robin(scorers: dict[str, Any], images: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
+    """Median seconds of one call on ``images`` per backend. The backends take turns, run after
+    run, so that a change in the machine's other load falls on all of them alike."""
+    for score in scorers.values():
+        for _ in range(warmup):
+            score(images)
+    seconds: dict[str, list[float]] = {backend: [] for backend in scorers}
     for _ in range(runs):
-        start = time.perf_counter()
-        score(images)
-        seconds.append(time.perf_counter() - start)
-    return sorted(seconds)[len(seconds) // 2]
+        for backend, score in scorers.items():
+            start = time.perf_counter()
+            score(images)
+            seconds[backend].append(time.perf_counter() - start)
+    return {backend: sorted(values)[len(values) // 2] for backend, values in seconds.items()}
 
 
 def main() -> int:
@@ -75,6 +81,7 @@ def main() -> int:
     parser.add_argument("--dataset-dir", default="../shared/data", type=Path)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--img-size", type=int, default=256)
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="'registry': each row's own backbone")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fit-images", type=int, default=21)
@@ -88,7 +95,7 @@ def main() -> int:
         normalize = ModelRegistry.get_train_config(name)["normalize"]
         fit_images = bottle_images(options.dataset_dir, "train", options.fit_images, options.img_size, normalize)
         test_images = bottle_images(options.dataset_dir, "test", largest, options.img_size, normalize)
-        trainer = build(name, fit_images, options.img_size)
+        trainer = build(name, fit_images, options.img_size, options.backbone)
         architecture = trainer.model_config.get("backbone", "PDN")
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
@@ -98,13 +105,12 @@ def main() -> int:
             for backend in BACKENDS[1:]:
                 scorers[backend] = load_exported(folder, backend, num_threads=options.threads).score
             if name == "patchcore":
-                with_faiss = build(name, fit_images, options.img_size, "faiss")
+                with_faiss = build(name, fit_images, options.img_size, options.backbone, "faiss")
                 with_faiss.model.memory_bank = trainer.model.memory_bank
                 scorers["torch + faiss kNN"] = lambda images: with_faiss.predict(images)
             for batch_size in options.batch_sizes:
                 images = test_images[:batch_size]
-                for backend, score in scorers.items():
-                    seconds = time_runs(score, images, options.warmup, options.runs)
+                for backend, seconds in time_round_robin(scorers, images, options.warmup, options.runs).items():
                     rows.append({"model": name, "architecture": architecture, "backend": backend, "batch": batch_size,
                                  "ms_per_image": 1000 * seconds / batch_size, "images_per_s": batch_size / seconds,
                                  "export_s": export_seconds})

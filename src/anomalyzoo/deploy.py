@@ -149,7 +149,7 @@ def export_trainer(trainer: BaseTrainer, export_format: str = "onnx", output_dir
                 # save_model halves the weights to fp16 by default: keep fp32, or the scores move by ~1e-3
                 openvino.save_model(openvino.convert_model(str(onnx_path)), str(model_path), compress_to_fp16=False)
     metadata = export_metadata(trainer, export_format, outputs, source)
-    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=float) + "\n")
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     if verify:
         verify_export(trainer, output_dir)
     return model_path
