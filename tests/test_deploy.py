@@ -107,6 +107,7 @@ def test_export_refuses_a_graph_that_scores_differently(synthetic_dataset_dir, t
                         lambda self, images: {k: v * (1 + 1e-3) for k, v in original(self, images).items()})
     with pytest.raises(ExportError, match="relative"):
         export_trainer(trainer, "onnx", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing left to deploy by mistake
 
 
 def test_predict_on_every_backend_gives_the_checkpoints_scores_and_verdicts(synthetic_dataset_dir, tmp_path, capsys):

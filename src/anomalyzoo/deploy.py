@@ -101,7 +101,7 @@ def export_metadata(trainer: BaseTrainer, export_format: str, outputs: list[str]
         "model_config": trainer.model_config,
         "img_size": config.img_size,
         "normalize": config.normalize,
-        "tiling": getattr(config, "tiling", None),
+        "tiling": config.tiling,
         "input": {"name": "image", "shape": ["batch", 3, config.img_size, config.img_size], "dtype": "float32"},
         "outputs": outputs,
         "threshold": trainer.threshold,
@@ -151,7 +151,12 @@ def export_trainer(trainer: BaseTrainer, export_format: str = "onnx", output_dir
     metadata = export_metadata(trainer, export_format, outputs, source)
     (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     if verify:
-        verify_export(trainer, output_dir)
+        try:
+            verify_export(trainer, output_dir)
+        except ExportError:  # never leave a graph that scores differently where it could be deployed
+            for name in (MODEL_FILES[export_format], METADATA_FILE, "model.bin"):
+                (output_dir / name).unlink(missing_ok=True)
+            raise
     return model_path
 
 
