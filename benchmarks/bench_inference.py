@@ -76,6 +76,21 @@ def time_round_robin(scorers: dict[str, Any], images: torch.Tensor, warmup: int,
     return {backend: sorted(values)[len(values) // 2] for backend, values in seconds.items()}
 
 
+def knn_milliseconds(trainer: Any, images: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
+    """PatchCore's nearest-neighbour search alone (every patch of ``images`` against the bank),
+    ms per image, on torch and on faiss's exact flat index."""
+    from anomalyzoo.models.components.nearest_neighbors import faiss_index, nearest_neighbors
+
+    with torch.no_grad():
+        patches = trainer.model.flatten(trainer.model.embed(images))
+    bank = trainer.model.memory_bank
+    index = faiss_index(bank)
+    searches = {"torch kNN": lambda _: nearest_neighbors(patches, bank, k=1),
+                "faiss kNN": lambda _: nearest_neighbors(patches, bank, k=1, index=index)}
+    seconds = time_round_robin(searches, images, warmup, runs)
+    return {name: 1000 * value / len(images) for name, value in seconds.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset-dir", default="../shared/data", type=Path)
@@ -91,6 +106,7 @@ def main() -> int:
     torch.set_num_threads(options.threads)
     largest = max(options.batch_sizes)
     rows = []
+    knn_rows: list[tuple[int, tuple[int, ...], dict[str, float]]] = []
     for name in options.models:
         normalize = ModelRegistry.get_train_config(name)["normalize"]
         fit_images = bottle_images(options.dataset_dir, "train", options.fit_images, options.img_size, normalize)
@@ -108,6 +124,9 @@ def main() -> int:
                 with_faiss = build(name, fit_images, options.img_size, options.backbone, "faiss")
                 with_faiss.model.memory_bank = trainer.model.memory_bank
                 scorers["torch + faiss kNN"] = lambda images: with_faiss.predict(images)
+                for batch_size in options.batch_sizes:
+                    knn = knn_milliseconds(trainer, test_images[:batch_size], options.warmup, options.runs)
+                    knn_rows.append((batch_size, tuple(trainer.model.memory_bank.shape), knn))
             for batch_size in options.batch_sizes:
                 images = test_images[:batch_size]
                 for backend, seconds in time_round_robin(scorers, images, options.warmup, options.runs).items():
@@ -122,6 +141,9 @@ def main() -> int:
         torch_row = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"] and r["backend"] == "torch")
         print(f"| {row['model']} | {row['architecture']} | {row['backend']} | {row['batch']} | {row['ms_per_image']:.1f} | "
               f"{row['images_per_s']:.2f} | {row['images_per_s'] / torch_row['images_per_s']:.2f} |")
+    for batch_size, bank_shape, knn in knn_rows:
+        print(f"patchcore kNN alone, batch {batch_size}, bank {bank_shape}: " +
+              ", ".join(f"{name} {value:.1f} ms/image" for name, value in knn.items()))
     if rows:
         tiles = {row["model"]: round(row["export_s"], 1) for row in rows}
         print(f"\nexport + check seconds: {tiles}; torch threads {options.threads}")

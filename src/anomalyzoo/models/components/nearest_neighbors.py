@@ -1,7 +1,7 @@
 """Exact k-nearest-neighbour search (Euclidean): chunked torch, or faiss's exact flat index.
 
-Both find the neighbours on ``||q||^2 - 2 q.b + ||b||^2`` (one matrix product; faiss's
-``IndexFlatL2`` does the same in its BLAS path) and then recompute the returned distances directly
+Both find the neighbours on ``||b||^2 - 2 q.b`` (one fused matrix product, ``addmm``; the row's
+constant ``||q||^2`` changes no ranking; faiss's ``IndexFlatL2`` ranks the same way in its BLAS path) and then recompute the returned distances directly
 as ``||q - b||``: the expansion loses digits to cancellation when the distance is small beside the
 norms (float32 patch features), and the direct distance makes the scores independent of how a
 backend orders its sums (torch, faiss, ONNX Runtime, OpenVINO agree to ~1e-6).
@@ -35,8 +35,10 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chu
     all_distances, all_indices = [], []
     for start in range(0, queries.shape[0], chunk_size):
         chunk = queries[start:start + chunk_size]
-        squared = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ bank.T + bank_norms[None, :]
-        _, indices = torch.topk(squared, k, dim=1, largest=False)
+        # ||b||^2 - 2 q.b in one fused product: ||q - b||^2 less ||q||^2, a constant of the row that
+        # changes no ranking (the distances themselves are recomputed below)
+        ranking = torch.addmm(bank_norms[None, :], chunk, bank.T, alpha=-2.0)
+        indices = ranking.argmin(dim=1, keepdim=True) if k == 1 else torch.topk(ranking, k, dim=1, largest=False).indices
         all_distances.append(exact_distances(chunk, bank, indices))
         all_indices.append(indices)
     return torch.cat(all_distances), torch.cat(all_indices)
