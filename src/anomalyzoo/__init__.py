@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from anomalyzoo.data import get_dataloaders
+from anomalyzoo.deploy import export
 from anomalyzoo.registry import ModelRegistry
 from anomalyzoo.settings import get_globals, print_globals, set_globals
 from anomalyzoo.train import (
@@ -20,6 +21,7 @@ __all__ = [
     "clear_dataloader",
     "clear_memory",
     "count_parameters",
+    "export",
     "get_dataloaders",
     "get_globals",
     "print_globals",

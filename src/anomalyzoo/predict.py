@@ -1,9 +1,16 @@
-"""Load a saved run and score new images: ``anomalyzoo predict --checkpoint PATH IMAGES...``."""
+"""Load a saved run and score new images: ``anomalyzoo predict --checkpoint PATH IMAGES...``.
+
+``--backend torch`` (default) runs a checkpoint (or a TorchScript export); ``onnxruntime`` and
+``openvino`` run an export folder written by ``anomalyzoo export``, or export a checkpoint on the
+fly (into a temporary folder, checked against torch as every export is). Every backend reads the
+same threshold and normalisation (the checkpoint's, or the export's ``metadata.json``)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,74 @@ from anomalyzoo.data.transforms import IMAGE_EXTENSIONS, ImageReadError, denorma
 from anomalyzoo.models.components.trainer import BaseTrainer, TrainConfig, read_checkpoint
 from anomalyzoo.registry import ModelRegistry
 from anomalyzoo.report import save_anomaly_map_figure
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+class TrainerScorer:
+    """A loaded trainer behind the interface of :class:`anomalyzoo.deploy.ExportedModel`."""
+
+    def __init__(self, trainer: BaseTrainer) -> None:
+        self.trainer = trainer
+        self.img_size = trainer.train_config.img_size
+        self.normalize = trainer.train_config.normalize
+        self.crop_pct = trainer.train_config.crop_pct
+        self.normal_statistics = trainer.normal_statistics
+        self.threshold, self.threshold_source = trainer.threshold, trainer.threshold_source
+        self.thresholds = trainer.thresholds
+        self.map_range = trainer.map_range
+        self.model_type = trainer.model_type
+
+    def score(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        output = self.trainer.predict(images)
+        return {key: value.float().cpu().numpy() for key, value in output.items()
+                if key in ("pred_score", "anomaly_map") and value is not None}
+
+
+def is_export(path: Path) -> bool:
+    from anomalyzoo.deploy import METADATA_FILE
+
+    return (path / METADATA_FILE).is_file() if path.is_dir() else (path.parent / METADATA_FILE).is_file() and path.suffix != ".pth"
+
+
+def open_model(model_path: str | Path, backend: str = "torch", device: str | None = None,
+               num_threads: int | None = None, scratch_dir: str | Path | None = None,
+               tiling: Sequence[int] | None = None) -> Any:
+    """A scorer (``score(images) -> {"pred_score", "anomaly_map"}`` as arrays, with the threshold
+    attributes ``choose_threshold`` reads) for a checkpoint or an export folder on ``backend``;
+    ``tiling`` re-tiles a checkpoint at predict time (:func:`with_tiling`)."""
+    from anomalyzoo import deploy
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    model_path = Path(model_path)
+    if is_export(model_path):
+        if tiling is not None:
+            raise ValueError(f"{model_path} is an export: its tiling is part of the graph (re-export a checkpoint)")
+        return deploy.load_exported(model_path, backend, device, num_threads)
+    if backend == "torch":
+        return TrainerScorer(with_tiling(load_trainer(model_path, device), tiling))
+    if scratch_dir is None:
+        raise ValueError(f"{model_path} is a checkpoint: export it first (anomalyzoo export --checkpoint {model_path}) "
+                         f"to run it on {backend}")
+    trainer = with_tiling(load_trainer(model_path, "cpu"), tiling)
+    deploy.export_trainer(trainer, "onnx", scratch_dir, source=str(model_path))
+    return deploy.load_exported(scratch_dir, backend, "cpu", num_threads)
+
+
+def with_tiling(trainer: BaseTrainer, tiling: Sequence[int] | None) -> BaseTrainer:
+    """``tiling = [img_size, stride]`` at predict time: images are loaded at ``img_size`` and
+    scored in tiles of the size the model was fitted on (its training tile, else its training
+    ``img_size``) every ``stride`` pixels; the maps are stitched (``components.tiler``)."""
+    if tiling is None:
+        return trainer
+    img_size, stride = (int(value) for value in tiling)
+    config = trainer.train_config
+    tile_size = trainer.tiler.tile_size if trainer.tiler is not None else config.img_size
+    new_config = dataclasses.replace(config, img_size=img_size, tiling=[tile_size, stride])
+    trainer.tiler = trainer.make_tiler(new_config)
+    trainer.train_config = new_config
+    return trainer
 
 
 def load_trainer(checkpoint_path: str | Path, device: str | None = None) -> BaseTrainer:
@@ -57,7 +132,7 @@ def checkpoint_trainer_class(checkpoint: dict[str, Any]) -> type[BaseTrainer]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def choose_threshold(trainer: BaseTrainer, threshold: str | float = "normal") -> tuple[float | None, str]:
+def choose_threshold(trainer: Any, threshold: str | float = "normal") -> tuple[float | None, str]:
     """(value, name) of the decision threshold: ``"normal"`` is the label-free threshold stored at
     training (a percentile of held-out normal scores), ``"f1"`` the F1-optimal one of the test
     evaluation, a number is used as given. Without a stored normal threshold (a run trained with
@@ -126,6 +201,9 @@ def predict_images(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = True,
+    backend: str = "torch",
+    num_threads: int | None = None,
+    tiling: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every image of ``image_paths`` (files, or folders searched recursively); write
     ``<stem>_anomaly_map.png`` (figure) and ``.npy`` mirroring the inputs' relative paths, and
@@ -135,21 +213,33 @@ def predict_images(
     go to ``output_dir-2`` (``-3``, ...), named in each row's ``map`` and printed by the CLI. An
     image that cannot be read gets a row with its error and the rest are scored; ``strict`` raises
     on the first instead. ``normalized_score`` is 0.5 at the label-free threshold for every model
-    (see ``metrics.normalization``); it is empty for checkpoints trained without a validation split."""
-    trainer = load_trainer(checkpoint_path, device)
-    threshold_value, threshold_name = choose_threshold(trainer, threshold)
-    config = trainer.train_config
+    (see ``metrics.normalization``); it is empty for checkpoints trained without a validation split.
+    ``checkpoint_path`` is a checkpoint or an export folder; ``backend`` runs it (module docstring).
+    Images go through the model ``batch_size`` at a time, with a progress bar over the images.
+    ``tiling=[img_size, stride]`` scores a checkpoint tile by tile at ``img_size`` (:func:`with_tiling`)."""
     inputs = expand_inputs(image_paths)
+    with tempfile.TemporaryDirectory(prefix="anomalyzoo-export-") as scratch:
+        model = open_model(checkpoint_path, backend, device, num_threads, scratch, tiling)
+        if backend != "torch" and not is_export(Path(checkpoint_path)):
+            print(f"note: exported {checkpoint_path} to ONNX for {backend} (checked against torch); "
+                  f"`anomalyzoo export` keeps the export for the next run")
+        return score_inputs(model, inputs, output_dir, batch_size, threshold, overwrite, strict, progress)
+
+
+def score_inputs(model: Any, inputs: list[tuple[Path, Path]], output_dir: str | Path, batch_size: int,
+                 threshold: str | float, overwrite: bool, strict: bool, progress: bool) -> list[dict[str, Any]]:
+    threshold_value, threshold_name = choose_threshold(model, threshold)
     output_dir = free_output_dir(Path(output_dir), overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = trainer.map_range if trainer.map_range is not None else (None, None)
+    vmin, vmax = model.map_range if model.map_range is not None else (None, None)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(inputs), desc="predict", disable=not progress or len(inputs) < 2, dynamic_ncols=True)
     for start in range(0, len(inputs), batch_size):
         chunk, images = [], []
         for path, stem in inputs[start:start + batch_size]:
             try:
-                images.append(image_to_tensor(load_rgb_image(path), config.img_size, config.normalize, config.crop_pct))
+                images.append(image_to_tensor(load_rgb_image(path), model.img_size, model.normalize,
+                                              model.crop_pct))
                 chunk.append((path, stem))
             except ImageReadError as error:
                 if strict:
@@ -159,14 +249,13 @@ def predict_images(
         if not chunk:
             continue
         batch = torch.stack(images)
-        output = trainer.predict(batch)
-        scores = output["pred_score"].float().cpu().numpy()
+        output = model.score(batch)
+        scores = output["pred_score"]
         maps = output.get("anomaly_map")
-        maps = maps.float().cpu().numpy() if maps is not None else None
         for i, (path, stem) in enumerate(chunk):
             score = float(scores[i])
             verdict = "" if threshold_value is None else ("anomalous" if score >= threshold_value else "normal")
-            normalized = "" if trainer.normal_statistics is None else float(trainer.normal_statistics.normalize_scores(score))
+            normalized = "" if model.normal_statistics is None else float(model.normal_statistics.normalize_scores(score))
             row: dict[str, Any] = {"path": str(path), "score": score, "normalized_score": normalized, "verdict": verdict,
                                    "threshold": threshold_value, "threshold_name": threshold_name, "map": "", "error": ""}
             if maps is not None:
@@ -174,7 +263,7 @@ def predict_images(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target.with_suffix(".npy"), maps[i].astype(np.float32))
                 figure = save_anomaly_map_figure(
-                    target.with_suffix(".png"), denormalize(batch[i], config.normalize), maps[i],
+                    target.with_suffix(".png"), denormalize(batch[i], model.normalize), maps[i],
                     None, score, threshold=threshold_value, vmin=vmin, vmax=vmax, title=path.name,
                 )
                 row["map"] = str(figure)

@@ -110,3 +110,49 @@ def test_map_is_the_bilinear_upsampled_patch_distance_blurred_with_sigma_4():
     assert np.abs(gaussian_filter(nearest, sigma=4, mode="mirror") - expected).max() > 1e-3 * expected.max()
     # one bank vector: the re-weighting softmax is over one neighbour, so eq. 7 gives weight 0
     assert output["pred_score"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture()
+def faiss_installed() -> None:
+    import os
+
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("faiss-cpu is not installed (pip install '.[faiss]'; required in CI)")
+        pytest.skip("faiss-cpu is not installed (pip install '.[faiss]')")
+
+
+def test_faiss_finds_the_same_neighbours_and_distances_as_torch(faiss_installed):
+    from anomalyzoo.models.components.nearest_neighbors import faiss_index
+
+    generator = torch.Generator().manual_seed(2)
+    queries, bank = torch.randn(700, 32, generator=generator) + 3.0, torch.randn(900, 32, generator=generator) + 3.0
+    torch_distances, torch_indices = nearest_neighbors(queries, bank, k=4, chunk_size=256)
+    faiss_distances, faiss_indices = nearest_neighbors(queries, bank, k=4, index=faiss_index(bank))
+    reference = torch.cdist(queries.double(), bank.double()).topk(4, largest=False)
+    assert torch.equal(torch_indices, reference.indices) and torch.equal(faiss_indices, reference.indices)
+    # the distances are recomputed directly: no cancellation, the same numbers on both paths
+    assert torch.equal(torch_distances, faiss_distances)
+    assert torch.allclose(torch_distances.double(), reference.values, rtol=1e-6, atol=0)
+
+
+def test_patchcore_scores_are_unchanged_with_the_faiss_search(faiss_installed, synthetic_dataset_dir, tmp_path):
+    from anomalyzoo import ModelRegistry
+    from anomalyzoo.data import get_dataloaders
+
+    options = {"backbone": "resnet18", "pretrained": False}
+    train_loader, test_loader = get_dataloaders("mvtec", "synthetic_object", img_size=64, batch_size=8, normalize=True,
+                                                dataset_dir=synthetic_dataset_dir, seed=0)
+    trainer = ModelRegistry.get_trainer("patchcore", options, {"img_size": 64, "progress": False}, device="cpu")
+    trainer.fit(train_loader)
+    checkpoint = trainer.save_model(tmp_path / "model.pth")
+    with_faiss = ModelRegistry.get_trainer("patchcore", {**options, "knn_backend": "faiss"},
+                                           {"img_size": 64, "progress": False}, device="cpu").load_model(checkpoint)
+    expected, got = trainer.validation_epoch(test_loader), with_faiss.validation_epoch(test_loader)
+    assert len(expected.scores) > 10 and len(np.unique(expected.scores)) > 10
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-4, atol=0)
+    np.testing.assert_allclose(got.anomaly_maps, expected.anomaly_maps, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="knn_backend"):
+        PatchcoreModel("resnet18", pretrained=False, knn_backend="annoy")

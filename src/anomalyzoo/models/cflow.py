@@ -126,6 +126,31 @@ def cflow_loss(log_likelihood: torch.Tensor, channels: int) -> torch.Tensor:
     return -F.logsigmoid(log_likelihood / channels).mean()
 
 
+def interpolation_matrix(source: int, target: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(target, source) weights of 1-D linear interpolation with ``align_corners=True``."""
+    if source == 1 or target == 1:
+        positions = torch.zeros(target, dtype=dtype, device=device)
+    else:
+        positions = torch.arange(target, dtype=dtype, device=device) * ((source - 1) / (target - 1))
+    lower = positions.floor().clamp(max=source - 1)
+    fraction = positions - lower
+    lower = lower.long()
+    upper = (lower + 1).clamp(max=source - 1)
+    weights = torch.zeros(target, source, dtype=dtype, device=device)
+    rows = torch.arange(target, device=device)
+    weights[rows, lower] += 1 - fraction
+    weights[rows, upper] += fraction
+    return weights
+
+
+def bilinear_align_corners(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W): ``F.interpolate(mode="bilinear", align_corners=True)`` as two matrix
+    products, so it exports in double precision (ONNX Runtime has no double ``Resize``)."""
+    rows = interpolation_matrix(maps.shape[-2], size[0], maps.dtype, maps.device)
+    columns = interpolation_matrix(maps.shape[-1], size[1], maps.dtype, maps.device)
+    return rows @ maps @ columns.T
+
+
 def likelihood_anomaly_map(log_likelihoods_per_dim: Sequence[torch.Tensor], reference: torch.Tensor,
                            size: tuple[int, int]) -> torch.Tensor:
     """``-S`` with ``S = sum_l up(exp(log p_l / C_l - reference_l))``: per-layer (B, h_l, w_l) maps
@@ -134,7 +159,7 @@ def likelihood_anomaly_map(log_likelihoods_per_dim: Sequence[torch.Tensor], refe
     probability_sum: torch.Tensor | None = None
     for layer_index, log_likelihood in enumerate(log_likelihoods_per_dim):
         probability = torch.exp(log_likelihood.double() - reference[layer_index].double())
-        upsampled = F.interpolate(probability[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+        upsampled = bilinear_align_corners(probability, size)
         probability_sum = upsampled if probability_sum is None else probability_sum + upsampled
     assert probability_sum is not None
     return (-probability_sum).float()

@@ -81,6 +81,7 @@ class PadimTrainer(FeatureBankTrainer):
     """Collects embeddings of the normal images in one pass, then fits the Gaussians."""
 
     model_class = PadimModel
+    supports_tiling = True  # components.tiler: train and score on tiles of large images
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images).flatten(2)  # (B, d, h * w)

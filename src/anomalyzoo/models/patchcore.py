@@ -13,6 +13,11 @@
 - Anomaly map (sec. 3.3): patch scores upsampled bilinearly (align_corners=False) to the input
   size and smoothed with a Gaussian of sigma = 4 (truncated at 4 sigma, reflect borders as in
   PaDiM; the reference code uses scipy's ``gaussian_filter(sigma=4)``).
+- Nearest-neighbour search: exact, as the reference code's ``faiss.IndexFlatL2``. ``knn_backend``
+  "torch" (default: chunked matrix products) or "faiss" (faiss-cpu's exact flat index, the
+  ``faiss`` extra); either way the returned distances are recomputed directly
+  (``components.nearest_neighbors``), so both give the same scores. Exported graphs use the torch
+  search.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import nn
 from anomalyzoo.models.components.blur import GaussianBlur2d
 from anomalyzoo.models.components.feature_extractor import TimmFeatureExtractor
 from anomalyzoo.models.components.k_center_greedy import CoresetSelection, greedy_coreset
-from anomalyzoo.models.components.nearest_neighbors import nearest_neighbors
+from anomalyzoo.models.components.nearest_neighbors import KNN_BACKENDS, faiss_index, nearest_neighbors
 from anomalyzoo.models.components.trainer import FeatureBankTrainer
 from anomalyzoo.models.components.variants import ModelVariant
 
@@ -40,6 +45,7 @@ class PatchcoreModel(nn.Module):
         coreset_ratio: float = 0.1,
         num_neighbors: int = 9,
         projection_dim: int = 128,
+        knn_backend: str = "torch",
         pretrained: bool = True,
         input_normalized: bool = True,
         seed: int = 0,
@@ -47,7 +53,11 @@ class PatchcoreModel(nn.Module):
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if knn_backend not in KNN_BACKENDS:
+            raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {knn_backend!r}")
         self.layers = list(layers)
+        self.knn_backend = knn_backend
+        self._faiss: tuple[Any, Any] | None = None  # (memory bank it was built on, index)
         self.coreset_ratio = coreset_ratio
         self.num_neighbors = num_neighbors
         self.projection_dim = projection_dim
@@ -77,21 +87,33 @@ class PatchcoreModel(nn.Module):
         self.memory_bank = features[selection.indices.to(features.device)].to(self.memory_bank.device)
         return selection
 
+    def search_index(self) -> Any:
+        """The faiss index over the memory bank (rebuilt when the bank changes), or None for torch."""
+        if self.knn_backend != "faiss":
+            return None
+        bank = self.memory_bank
+        key = (bank.data_ptr(), bank._version, tuple(bank.shape))
+        if self._faiss is None or self._faiss[0] != key:
+            self._faiss = (key, faiss_index(bank))
+        return self._faiss[1]
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.memory_bank.numel() == 0:
             raise RuntimeError("PatchCore has no memory bank yet: fit it on normal images first")
         embedding = self.embed(images)
         batch, _, height, width = embedding.shape
         patches = self.flatten(embedding)
-        distances, nn_index = nearest_neighbors(patches, self.memory_bank, k=1)
+        index = self.search_index()
+        distances, nn_index = nearest_neighbors(patches, self.memory_bank, k=1, index=index)
         patch_scores = distances[:, 0].reshape(batch, height * width)
         nn_index = nn_index[:, 0].reshape(batch, height * width)
-        image_scores = self.reweighted_image_scores(patches.reshape(batch, height * width, -1), patch_scores, nn_index)
+        image_scores = self.reweighted_image_scores(patches.reshape(batch, height * width, -1), patch_scores, nn_index, index)
         score_map = patch_scores.reshape(batch, 1, height, width)
         score_map = F.interpolate(score_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return {"pred_score": image_scores, "anomaly_map": self.blur(score_map)[:, 0]}
 
-    def reweighted_image_scores(self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor) -> torch.Tensor:
+    def reweighted_image_scores(self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor,
+                                index: Any = None) -> torch.Tensor:
         """Eq. 7: s = (1 - exp||m_test* - m*|| / sum_{N_b(m*)} exp||m_test* - m||) * s*."""
         rows = torch.arange(patches.shape[0], device=patches.device)
         worst = patch_scores.argmax(dim=1)
@@ -99,7 +121,7 @@ class PatchcoreModel(nn.Module):
         worst_patches = patches[rows, worst]  # m_test*
         nearest_bank = self.memory_bank[nn_index[rows, worst]]  # m*
         k = min(self.num_neighbors, self.memory_bank.shape[0])
-        _, support = nearest_neighbors(nearest_bank, self.memory_bank, k=k)  # N_b(m*), m* first
+        _, support = nearest_neighbors(nearest_bank, self.memory_bank, k=k, index=index)  # N_b(m*), m* first
         support_distances = torch.linalg.vector_norm(worst_patches[:, None, :] - self.memory_bank[support], dim=-1)
         weights = 1.0 - torch.softmax(support_distances, dim=1)[:, 0]
         return weights * max_scores
@@ -110,6 +132,7 @@ class PatchcoreTrainer(FeatureBankTrainer):
     at the end of the epoch (no gradients, no optimiser)."""
 
     model_class = PatchcoreModel
+    supports_tiling = True  # components.tiler: train and score on tiles of large images
 
     def collect(self, images: torch.Tensor) -> torch.Tensor:
         return PatchcoreModel.flatten(self.model.embed(images))  # (B * h * w, D) patch features

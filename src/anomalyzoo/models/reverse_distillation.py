@@ -164,6 +164,7 @@ class ReverseDistillationTrainer(BaseTrainer):
     """Trains OCBE + decoder to reproduce the frozen encoder's features on normal images (eq. 2)."""
 
     model_class = ReverseDistillationModel
+    supports_tiling = True  # components.tiler: train and score on tiles of large images
 
     def __init__(self, *, learning_rate: float = 0.005, train_config: TrainConfig | dict[str, Any] | None = None,
                  device: str | torch.device | None = None, **model_options: Any) -> None:

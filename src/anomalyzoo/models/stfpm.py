@@ -104,6 +104,7 @@ class StfpmTrainer(BaseTrainer):
     """Trains the student to match the frozen teacher on normal images."""
 
     model_class = StfpmModel
+    supports_tiling = True  # components.tiler: train and score on tiles of large images
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         """Sec. 4.1: SGD(lr 0.4, momentum 0.9, weight decay 1e-4) on the student, no schedule."""

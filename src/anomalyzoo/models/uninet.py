@@ -215,8 +215,8 @@ def decision_fractions(distance_maps: Sequence[torch.Tensor], alpha: float, beta
     """
     maxima = torch.stack([d.flatten(1).amax(dim=1) for d in distance_maps], dim=1)  # (B, L)
     probabilities = torch.softmax(maxima, dim=1)
-    selected = probabilities > probabilities.mean(dim=1, keepdim=True)
-    selected = torch.where(selected.any(dim=1, keepdim=True), selected, torch.ones_like(selected))
+    selected = (probabilities > probabilities.mean(dim=1, keepdim=True)).to(maxima.dtype)
+    selected = selected + (1.0 - selected.amax(dim=1, keepdim=True))  # none stands out: all of them
     mean_selected = (maxima * selected).sum(dim=1) / selected.sum(dim=1)
     return torch.clamp(mean_selected * alpha, min=beta)
 
@@ -224,8 +224,12 @@ def decision_fractions(distance_maps: Sequence[torch.Tensor], alpha: float, beta
 def top_fraction_mean(maps: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
     """(B,) mean of the top int(H * W * fraction) values of each (H, W) map, at least one."""
     flat = maps.flatten(1)
-    counts = [max(1, int(flat.shape[1] * float(f))) for f in fractions]
-    return torch.stack([row.topk(k).values.mean() for row, k in zip(flat, counts)])
+    # k per image as a tensor (a sorted prefix mask, not topk(k) per row), so that the graph traces
+    # for ONNX / OpenVINO with any batch; float64 so that floor(H * W * f) is Python's int() of it
+    counts = torch.clamp(torch.floor(fractions.to(torch.float64) * flat.shape[1]), min=1).to(flat.dtype)
+    ranked = flat.sort(dim=1, descending=True).values
+    kept = torch.arange(flat.shape[1], device=flat.device)[None, :] < counts[:, None]
+    return (ranked * kept).sum(dim=1) / counts
 
 
 class UniNetModel(nn.Module):
@@ -264,8 +268,9 @@ class UniNetModel(nn.Module):
         both = [torch.cat([t, s], dim=0) for t, s in zip(target, source, strict=True)]
         reconstructed = self.student(self.bottleneck(both))
         reconstructed = [resize_to(r, f.shape[-2:]) for r, f in zip(reconstructed, source, strict=True)]
-        from_target = [r[: len(images)] for r in reconstructed]
-        from_source = [r[len(images):] for r in reconstructed]
+        batch = images.shape[0]  # not len(): a traced graph (export) keeps the batch dynamic
+        from_target = [r[:batch] for r in reconstructed]
+        from_source = [r[batch:] for r in reconstructed]
         return source + target, from_target + from_source
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,12 +25,14 @@ class GaussianBlur2d(nn.Module):
         self.register_buffer("kernel", gaussian_kernel1d(sigma, kernel_size), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        channels = maps.shape[1]
+        batch, channels, height, width = maps.shape
         size = self.kernel.numel()
         pad = size // 2
-        horizontal = self.kernel.view(1, 1, 1, size).repeat(channels, 1, 1, 1)
-        vertical = self.kernel.view(1, 1, size, 1).repeat(channels, 1, 1, 1)
-        mode = "reflect" if min(maps.shape[-2:]) > pad else "replicate"
+        # every channel as its own single-channel image: the same grouped convolution, with a kernel
+        # whose shape does not depend on the input (so the blur exports to ONNX and OpenVINO)
+        maps = maps.reshape(batch * channels, 1, height, width)
+        mode = "reflect" if min(height, width) > pad else "replicate"
         maps = F.pad(maps, (pad, pad, pad, pad), mode=mode)
-        maps = F.conv2d(maps, horizontal, groups=channels)
-        return F.conv2d(maps, vertical, groups=channels)
+        maps = F.conv2d(maps, self.kernel.view(1, 1, 1, size))
+        maps = F.conv2d(maps, self.kernel.view(1, 1, size, 1))
+        return maps.reshape(batch, channels, height, width)

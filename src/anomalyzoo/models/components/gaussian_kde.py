@@ -20,6 +20,13 @@ import torch
 from torch import nn
 
 
+def logsumexp(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log sum exp`` along ``dim``, as ``max + log sum exp(values - max)`` (what torch.logsumexp
+    computes), written out because OpenVINO mis-reads ONNX's ReduceLogSumExp (it drops the kept axis)."""
+    peak = values.amax(dim=dim, keepdim=True)
+    return (peak + torch.log(torch.exp(values - peak).sum(dim=dim, keepdim=True))).squeeze(dim)
+
+
 def scott_factor(num_points: int, dims: int) -> float:
     """Scott's rule, as ``scipy.stats.gaussian_kde.scotts_factor`` for unweighted data."""
     return num_points ** (-1.0 / (dims + 4))
@@ -66,8 +73,8 @@ class GaussianKDE(nn.Module):
         for start in range(0, self.dataset.shape[0], chunk_size):
             squared = torch.cdist(whitened, self.dataset[start:start + chunk_size],
                                   compute_mode="donot_use_mm_for_euclid_dist").square()
-            partial.append(torch.logsumexp(-0.5 * squared, dim=1))
-        return torch.logsumexp(torch.stack(partial, dim=1), dim=1) + self.log_norm
+            partial.append(logsumexp(-0.5 * squared, dim=1))
+        return logsumexp(torch.stack(partial, dim=1), dim=1) + self.log_norm
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """The density itself, ``exp(log_density)``."""

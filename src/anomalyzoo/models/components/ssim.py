@@ -52,7 +52,7 @@ def ssim_map(img1: torch.Tensor, img2: torch.Tensor, window_size: int = SSIM_WIN
     if img1.shape != img2.shape or img1.ndim != 4:
         raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(img1.shape)} and {tuple(img2.shape)}")
     dynamic_range = inferred_dynamic_range(img1) if val_range is None else float(val_range)
-    channels = img1.shape[1]
+    channels = int(img1.shape[1])  # a constant, also when traced for export (the kernel's shape must be static)
     window = gaussian_window(window_size, SSIM_SIGMA, channels, img1.dtype, img1.device)
     padding = window_size // 2
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from anomalyzoo.metrics.normalization import NormalStatistics, normal_statistics
 from anomalyzoo.metrics.predictions import Predictions
 from anomalyzoo.models.components.dynamic_buffer import resize_buffers_to_state_dict
+from anomalyzoo.models.components.tiler import Tiler, tiled_scores
 from anomalyzoo.report.run import save_run_histogram, save_run_maps, write_run_results
 
 CHECKPOINT_FORMAT = "anomalyzoo-checkpoint-v1"
@@ -65,6 +66,9 @@ class TrainConfig:
     early_stopping_patience: int = 5
     gradient_clip_norm: float | None = None  # clip the global gradient norm before each step
     threshold_percentile: float = 99.0  # the label-free threshold: this percentile of held-out normal scores
+    # [tile_size, stride]: train and score on overlapping tiles of the img_size image, maps stitched
+    # back (components.tiler); for the models whose trainer sets supports_tiling
+    tiling: list[int] | None = None
     progress: bool = True
 
     @classmethod
@@ -190,6 +194,9 @@ class BaseTrainer:
     # under whatever a direct caller gives; the registry's rows hold the spec's other defaults
     train_defaults: dict[str, Any] = {}
     scheduler_interval = "epoch"  # when scheduler.step() runs: after each "epoch" or each "step"
+    # whether the model can train and score on tiles (TrainConfig.tiling): models whose features are
+    # local (a tile is an image like any other); anomalib tiles PaDiM, PatchCore, STFPM and RD
+    supports_tiling = False
 
     def __init__(
         self,
@@ -201,6 +208,7 @@ class BaseTrainer:
             train_config = TrainConfig.from_dict({**self.train_defaults, **(train_config or {})})
         self.train_config = train_config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tiler = self.make_tiler(train_config)
         self.check_options(model_options)
         model_defaults = self.model_option_defaults()
         resolved = {name: model_options.get(name, default) for name, default in model_defaults.items()}
@@ -262,10 +270,22 @@ class BaseTrainer:
         if unknown:
             raise TypeError(f"{cls.__name__} does not accept the option(s) {unknown}; valid options: {sorted(valid)}")
 
+    @classmethod
+    def make_tiler(cls, train_config: TrainConfig) -> Tiler | None:
+        if train_config.tiling is None:
+            return None
+        if not cls.supports_tiling:
+            raise ValueError(f"{cls.__name__} does not support tiling (models that do: padim, patchcore, stfpm, "
+                             f"reverse-distillation); leave tiling unset")
+        tiler = Tiler.from_option(train_config.tiling)
+        tiler.starts(train_config.img_size)  # a tile larger than the image is an error now, not at the first batch
+        return tiler
+
     def runtime_arguments(self) -> dict[str, Any]:
         """Values of the model's :data:`RUNTIME_ARGUMENTS` that its signature asks for."""
+        model_size = self.tiler.tile_size if self.tiler is not None else self.train_config.img_size
         values = {"input_normalized": self.train_config.normalize,
-                  "input_size": (self.train_config.img_size, self.train_config.img_size),
+                  "input_size": (model_size, model_size),
                   "seed": self.train_config.seed}
         wanted = inspect.signature(self.model_class.__init__).parameters
         return {name: value for name, value in values.items() if name in wanted}
@@ -308,8 +328,19 @@ class BaseTrainer:
         return {key: float(value.detach()) for key, value in losses.items()}
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``{"pred_score": (B,), "anomaly_map": (B, H, W) or absent}`` for a test batch."""
+        """``{"pred_score": (B,), "anomaly_map": (B, H, W) or absent}`` for a test batch (tile by
+        tile, maps stitched, when the run uses tiling)."""
+        if self.tiler is not None:
+            return tiled_scores(self.model, self.tiler, batch["image"])
         return self.model(batch["image"])
+
+    def training_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch a training step sees: its images cut into tiles when the run uses tiling."""
+        if self.tiler is None:
+            return batch
+        images = batch["image"]
+        count = self.tiler.num_tiles(*images.shape[-2:])
+        return {"image": self.tiler.tile(images), "path": [path for path in batch["path"] for _ in range(count)]}
 
     def model_test_results(self, test_loader: DataLoader) -> dict[str, Any]:
         """Results of the model's own (label-free) decision rule on the labelled test set, beside
@@ -428,7 +459,7 @@ class BaseTrainer:
         for batch in bar:
             if self.train_config.num_steps is not None and self.global_step >= self.train_config.num_steps:
                 break
-            logs = self.train_step(self.to_device(batch)) or {}
+            logs = self.train_step(self.training_batch(self.to_device(batch))) or {}
             steps += 1
             self.global_step += 1
             if self.scheduler is not None and self.scheduler_interval == "step":
@@ -465,7 +496,7 @@ class BaseTrainer:
             self.model.eval()
             total, count = 0.0, 0
             for batch in loader:
-                batch = self.to_device(batch)
+                batch = self.training_batch(self.to_device(batch))
                 total += float(self.training_loss(batch)["loss"]) * len(batch["path"])
                 count += len(batch["path"])
             record["val_loss"] = total / max(count, 1)

@@ -62,7 +62,9 @@ class VectorQuantizerEMA(nn.Module):
         codebook = self.codebook.detach()
         squared_norms = (codebook ** 2).sum(dim=1)
         indices = []
-        for chunk in flat_inputs.detach().split(DISTANCE_CHUNK):
+        # one chunk when traced for export: a traced split would fix the row count (the batch size)
+        chunks = [flat_inputs.detach()] if torch.jit.is_tracing() else flat_inputs.detach().split(DISTANCE_CHUNK)
+        for chunk in chunks:
             distances = (chunk ** 2).sum(dim=1, keepdim=True) + squared_norms - 2 * chunk @ codebook.t()
             indices.append(distances.argmin(dim=1))
         return torch.cat(indices) if indices else flat_inputs.new_zeros(0, dtype=torch.long)
